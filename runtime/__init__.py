@@ -1,0 +1,1 @@
+"""hsc runtime: load an artifact and score HellaSwag. Never imports `toolchain`."""

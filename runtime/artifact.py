@@ -1,0 +1,93 @@
+"""Reading an artifact: manifest, integrity checks, one rank's weights, the model and tokenizer."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from runtime.config import MANIFEST_NAME, PRECISION_DTYPES, Manifest
+from runtime.errors import file_error
+from runtime.model import Transformer, rope_tables
+from runtime.tokenizer import Tokenizer
+
+
+def load_manifest(artifact: Path) -> Manifest:
+    artifact = Path(artifact)
+    path = artifact / MANIFEST_NAME
+    if not artifact.is_dir():
+        raise file_error(artifact, "not an artifact directory (no such directory)")
+    if not path.is_file():
+        raise file_error(path, "missing: not an hsc artifact")
+    return Manifest.from_json(path.read_text(), path)
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_file(artifact: Path, file: str, sha256: str, nbytes: int | None = None) -> None:
+    path = Path(artifact) / file
+    if not path.is_file():
+        raise file_error(path, "missing from the artifact")
+    if nbytes is not None and path.stat().st_size != nbytes:
+        raise file_error(path, f"has {path.stat().st_size} bytes, the manifest says {nbytes} (tampered or truncated)")
+    if sha256_of(path) != sha256:
+        raise file_error(path, "sha256 does not match the manifest (tampered or corrupt)")
+
+
+def verify_artifact(artifact: Path, manifest: Manifest) -> list[str]:
+    """Recompute every checksum; return the files checked."""
+    checked = []
+    for shard in manifest.shards:
+        verify_file(artifact, shard.file, shard.sha256, shard.bytes)
+        checked.append(shard.file)
+    verify_file(artifact, manifest.tokenizer.file, manifest.tokenizer.sha256)
+    return checked + [manifest.tokenizer.file]
+
+
+def manifest_sha256(artifact: Path) -> str:
+    return sha256_of(Path(artifact) / MANIFEST_NAME)
+
+
+def load_tokenizer(artifact: Path, manifest: Manifest) -> Tokenizer:
+    t = manifest.tokenizer
+    verify_file(artifact, t.file, t.sha256)
+    return Tokenizer(t.kind, Path(artifact) / t.file, t.bos_id, t.eos_id)
+
+
+def load_rank_weights(artifact: Path, manifest: Manifest, tp_rank: int, device: str | torch.device) -> dict:
+    """The rank's safetensors file, checked against its sha256 before it is trusted."""
+    shard = next((s for s in manifest.shards if s.tp_rank == tp_rank), None)
+    if shard is None:
+        raise file_error(Path(artifact) / MANIFEST_NAME, f"lists no shard for tensor-parallel rank {tp_rank}")
+    verify_file(artifact, shard.file, shard.sha256, shard.bytes)
+    try:
+        return load_file(Path(artifact) / shard.file, device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise file_error(Path(artifact) / shard.file, f"unreadable safetensors ({e})") from None
+
+
+def build_model(artifact: Path, manifest: Manifest, device: str | torch.device, tp_rank: int = 0,
+                tp_group=None, compute_dtype: torch.dtype | None = None) -> Transformer:
+    """Empty modules on the meta device, then the rank's tensors assigned in place (strict)."""
+    dtype = compute_dtype or getattr(torch, PRECISION_DTYPES[manifest.precision])
+    weights = load_rank_weights(artifact, manifest, tp_rank, device)
+    with torch.device("meta"):
+        model = Transformer(manifest.model, tp=manifest.mapping.tp, tp_group=tp_group)
+    try:
+        model.load_state_dict({k: v.to(dtype) for k, v in weights.items()}, strict=True, assign=True)
+    except RuntimeError as e:
+        shard = manifest.shards[tp_rank].file
+        raise file_error(Path(artifact) / shard, f"does not match the model ({str(e).splitlines()[0]})") from None
+    # Non-persistent buffers (RoPE tables) are not in the state dict: rebuild them on the device.
+    cos, sin = rope_tables(manifest.model.head_dim, manifest.model.max_seq_len, manifest.model.rope_theta)
+    model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
+    return model.eval()

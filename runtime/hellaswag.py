@@ -1,0 +1,138 @@
+"""HellaSwag validation items, from whichever source the user has.
+
+Sources, all yielding the same preprocessed items (lm-evaluation-harness's `hellaswag` task):
+- the official jsonl (`hellaswag_val.jsonl`: activity_label, ctx_a, ctx_b, endings, label),
+- a jsonl already in lm-eval's processed form (query, choices, gold),
+- `datasets` (Rowan/hellaswag, validation split; needs a local cache, there is no hub here),
+- the 6-line text format (optionally .bz2): query, gold label, 4 endings, already preprocessed.
+The validation split has 10,042 items with 4 endings each.
+"""
+
+from __future__ import annotations
+
+import bz2
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from runtime.errors import HscError, file_error
+
+VALIDATION_SIZE = 10_042
+SHARED_FILE = Path("shared/data/hellaswag_val_full.txt.bz2")
+
+
+@dataclass(frozen=True)
+class Item:
+    index: int  # position in the source, 0-based
+    query: str  # "activity_label: ctx", the context the endings continue
+    endings: tuple[str, str, str, str]  # without the leading space
+    label: int
+
+
+def preprocess(text: str) -> str:
+    """lm-eval's hellaswag preprocessing (WikiHow markup removal)."""
+    text = text.strip()
+    text = text.replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
+
+
+def from_official(doc: dict) -> tuple[str, list[str], int]:
+    ctx = doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
+    return preprocess(doc["activity_label"] + ": " + ctx), [preprocess(e) for e in doc["endings"]], doc["label"]
+
+
+def _make_item(index: int, query, endings, label, where: str) -> Item:
+    if not isinstance(endings, (list, tuple)) or len(endings) != 4:
+        n = len(endings) if isinstance(endings, (list, tuple)) else "no"
+        raise HscError(f"{where}: expected 4 endings, found {n}")
+    try:
+        label = int(label)
+    except (TypeError, ValueError):
+        raise HscError(f"{where}: label {label!r} is not an integer 0-3") from None
+    if not 0 <= label <= 3:
+        raise HscError(f"{where}: label {label} is not in 0-3")
+    if not isinstance(query, str) or not query.strip() or not all(isinstance(e, str) and e for e in endings):
+        raise HscError(f"{where}: empty context or ending")
+    return Item(index, query, tuple(endings), label)
+
+
+def _open_text(path: Path):
+    return bz2.open(path, "rt", encoding="utf-8") if path.suffix == ".bz2" else open(path, encoding="utf-8")
+
+
+def load_six_line(path: Path) -> list[Item]:
+    with _open_text(path) as f:
+        lines = f.read().split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    if len(lines) % 6:
+        raise file_error(path, f"{len(lines)} lines is not a multiple of 6 (context, label, 4 endings per item)")
+    items = []
+    for k in range(0, len(lines), 6):
+        query, label, *endings = lines[k:k + 6]
+        items.append(_make_item(k // 6, query, endings, label, f"{path}:{k + 2}"))
+    return items
+
+
+def load_jsonl(path: Path) -> list[Item]:
+    items = []
+    with _open_text(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                doc = json.loads(line)
+                if "query" in doc:
+                    query, endings, label = doc["query"], doc["choices"], doc["gold"]
+                else:
+                    query, endings, label = from_official(doc)
+            except json.JSONDecodeError as e:
+                raise HscError(f"{where}: not valid JSON ({e.msg})") from None
+            except (KeyError, TypeError, AttributeError) as e:
+                raise HscError(f"{where}: not a HellaSwag item (missing or bad field {e})") from None
+            items.append(_make_item(len(items), query, endings, label, where))
+    return items
+
+
+def load_datasets() -> list[Item]:
+    try:
+        import datasets
+
+        ds = datasets.load_dataset("Rowan/hellaswag", split="validation")
+    except Exception as e:  # offline, no cache, or datasets missing: all mean "not available here"
+        raise HscError(f"datasets: Rowan/hellaswag is not available ({type(e).__name__}); "
+                       "pass --data FILE (official jsonl or the 6-line .txt.bz2)") from None
+    return [_make_item(i, *from_official(doc), f"Rowan/hellaswag[{i}]") for i, doc in enumerate(ds)]
+
+
+def find_shared_file(start: Path | None = None) -> Path | None:
+    """The 6-line validation file under a `shared/data` folder beside or above `start` (the cwd)."""
+    start = (start or Path.cwd()).resolve()
+    for folder in (start, *start.parents):
+        for candidate in (folder / SHARED_FILE, folder.parent / SHARED_FILE):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def load_items(data: str | None) -> tuple[list[Item], str]:
+    """Items and a description of where they came from. `data`: a file, "datasets", or None
+    (the shared validation file if one is found, else `datasets`)."""
+    if data == "datasets":
+        return load_datasets(), "datasets:Rowan/hellaswag/validation"
+    if data is None:
+        shared = find_shared_file()
+        if shared is None:
+            return load_datasets(), "datasets:Rowan/hellaswag/validation"
+        data = str(shared)
+    path = Path(data)
+    if not path.is_file():
+        raise file_error(path, "no such HellaSwag file")
+    name = path.name.removesuffix(".bz2")
+    items = load_jsonl(path) if name.endswith((".jsonl", ".json")) else load_six_line(path)
+    if not items:
+        raise file_error(path, "holds no items")
+    return items, str(path.resolve())

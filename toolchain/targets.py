@@ -1,0 +1,124 @@
+"""Targets (the machines hsc compiles for) and the planner that maps a model onto one.
+
+A plan is a storage precision plus a mapping: `tp` GPUs hold slices of every layer (tensor
+parallelism) and `dp` such groups each score a share of the items (data parallelism).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from runtime.config import Mapping, ModelArgs, PRECISION_DTYPES
+from runtime.errors import HscError
+
+GIB = 1 << 30
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    gpu: str  # "" for the CPU target
+    compute_capability: tuple[int, int] | None
+    n_gpus: int
+    mem_per_gpu_gib: float
+    tensor_core_dtypes: tuple[str, ...]  # what the matrix units run natively
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.n_gpus > 0
+
+
+def _gpus(name, gpu, cc, counts, mem, dtypes):
+    return {f"{name}x{n}": Target(f"{name}x{n}", gpu, cc, n, mem, dtypes) for n in counts}
+
+
+TARGETS: dict[str, Target] = {
+    "cpu": Target("cpu", "", None, 0, 0.0, ("fp32", "bf16")),
+    # sm_70: fp16 tensor cores only; no bf16, int8 or fp8 matrix units.
+    **_gpus("v100", "V100 32GB", (7, 0), (4,), 32.0, ("fp16",)),
+    **_gpus("a100", "A100 80GB", (8, 0), (1, 4), 80.0, ("bf16", "fp16", "int8")),
+    **_gpus("h100", "H100 80GB", (9, 0), (1, 8), 80.0, ("bf16", "fp16", "fp8", "int8")),
+    **_gpus("h200", "H200 141GB", (9, 0), (1, 2, 4), 141.0, ("bf16", "fp16", "fp8", "int8")),
+}
+
+# Weights may take this share of a GPU's memory; the rest is for activations, the CUDA context,
+# compiled graphs and the allocator's slack.
+WEIGHT_MEMORY_FRACTION = 0.80
+
+
+def get_target(name: str) -> Target:
+    try:
+        return TARGETS[name]
+    except KeyError:
+        raise HscError(f"unknown target {name!r}; known targets: {', '.join(TARGETS)}") from None
+
+
+@dataclass(frozen=True)
+class Plan:
+    precision: str
+    mapping: Mapping
+    explanation: str
+
+
+def _bytes_per_param(precision: str) -> int:
+    return {"fp32": 4, "bf16": 2, "fp16": 2}[precision]
+
+
+def choose_precision(target: Target, requested: str) -> str:
+    if requested not in ("auto", *PRECISION_DTYPES):
+        raise HscError(f"unknown precision {requested!r}; choose auto, {', '.join(PRECISION_DTYPES)}")
+    if requested == "auto":
+        if not target.is_gpu:
+            return "fp32"
+        return "bf16" if "bf16" in target.tensor_core_dtypes else "fp16"
+    if target.is_gpu and requested == "bf16" and "bf16" not in target.tensor_core_dtypes:
+        cc = ".".join(map(str, target.compute_capability))
+        raise HscError(f"target {target.name}: {target.gpu} (compute capability {cc}) has no bf16; "
+                       "use --precision fp16")
+    return requested
+
+
+def tp_divides(args: ModelArgs, tp: int) -> bool:
+    """Whole heads per rank, never a split kv head, and an even FFN split."""
+    return args.n_heads % tp == 0 and args.kv_heads % tp == 0 and args.ffn_dim % tp == 0
+
+
+def make_plan(args: ModelArgs, target: Target, requested_precision: str = "auto",
+              tp: int | None = None) -> Plan:
+    """Smallest tensor-parallel degree whose weight slice fits a GPU; the rest of the GPUs become
+    data-parallel replicas. `tp` forces a degree (it must divide the model and the GPU count)."""
+    precision = choose_precision(target, requested_precision)
+    weight_bytes = args.n_params() * _bytes_per_param(precision)
+    size = f"{args.n_params() / 1e9:.2f}B params, {precision} = {weight_bytes / GB:.1f} GB"
+    if not target.is_gpu:
+        if tp not in (None, 1):
+            raise HscError(f"target cpu runs one process per replica; --tp {tp} needs a GPU target")
+        return Plan(precision, Mapping(1, 1), f"{size}; cpu: one process, TP=1, DP=1")
+
+    budget = target.mem_per_gpu_gib * GIB * WEIGHT_MEMORY_FRACTION
+    candidates = [tp] if tp else [t for t in range(1, target.n_gpus + 1) if target.n_gpus % t == 0]
+    for t in candidates:
+        if target.n_gpus % t:
+            raise HscError(f"--tp {t} does not divide the {target.n_gpus} GPUs of {target.name}")
+        if not tp_divides(args, t):
+            if tp:
+                raise HscError(f"--tp {t} cannot split the model: {args.n_heads} heads, "
+                               f"{args.kv_heads} kv heads, ffn {args.ffn_dim} must all divide by {t}")
+            continue
+        per_gpu = weight_bytes / t
+        if per_gpu > budget:
+            if tp:
+                raise HscError(f"--tp {t}: {per_gpu / GB:.1f} GB of weights per GPU exceed "
+                               f"{budget / GB:.1f} GB ({WEIGHT_MEMORY_FRACTION:.0%} of {target.gpu})")
+            continue
+        dp = target.n_gpus // t
+        why = "" if precision != "fp16" or "bf16" in target.tensor_core_dtypes else \
+            f" (fp16: sm_{''.join(map(str, target.compute_capability))} has no bf16)"
+        return Plan(precision, Mapping(t, dp),
+                    f"{size}{why}; {target.gpu} x{target.n_gpus}: TP={t} "
+                    f"({per_gpu / GB:.1f} GB/GPU of {budget / GB:.0f} GB for weights), DP={dp}")
+    valid = [t for t in range(1, target.n_gpus + 1) if target.n_gpus % t == 0 and tp_divides(args, t)]
+    raise HscError(f"target {target.name}: {size} does not fit: tensor-parallel degrees that divide "
+                   f"{args.n_heads} heads/{args.kv_heads} kv heads and {target.n_gpus} GPUs are "
+                   f"{valid or 'none'}, and none leaves the weights under {budget / GB:.1f} GB per GPU")
