@@ -36,6 +36,11 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def score_requests(model, requests, cfg: RunConfig, device, progress=None) -> list[float]:
+    """The scoring engine: summed continuation log-likelihood per request, in request order."""
+    return score_reference(model, requests, device, cfg.batch_tokens, progress=progress)
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
@@ -67,14 +72,14 @@ def run(cfg: RunConfig, command: str, echo=print) -> dict:
     t_loaded = time.perf_counter()
 
     # Warm-up: one small batch, so kernel selection and allocator growth stay out of scoring time.
-    score_reference(model, requests[:4], device, cfg.batch_tokens)
+    score_requests(model, requests[:4], cfg, device)
     if device.type == "cuda":
         torch.cuda.synchronize()
     t_warm = time.perf_counter()
 
     n_tokens = sum(len(request_tokens(r, model.args.max_seq_len)[0]) for r in requests)
     with tqdm(total=n_tokens, unit="tok", unit_scale=True, desc="scoring", disable=None) as bar:
-        logliks = score_reference(model, requests, device, cfg.batch_tokens, progress=bar.update)
+        logliks = score_requests(model, requests, cfg, device, progress=bar.update)
     if device.type == "cuda":
         torch.cuda.synchronize()
     t_scored = time.perf_counter()
