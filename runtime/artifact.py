@@ -22,7 +22,11 @@ def load_manifest(artifact: Path) -> Manifest:
         raise file_error(artifact, "not an artifact directory (no such directory)")
     if not path.is_file():
         raise file_error(path, "missing: not an hsc artifact")
-    return Manifest.from_json(path.read_text(), path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise file_error(path, f"not valid JSON (not UTF-8 text: {e.reason} at byte {e.start})") from None
+    return Manifest.from_json(text, path)
 
 
 def sha256_of(path: Path) -> str:
@@ -90,4 +94,6 @@ def build_model(artifact: Path, manifest: Manifest, device: str | torch.device, 
     # Non-persistent buffers (RoPE tables) are not in the state dict: rebuild them on the device.
     cos, sin = rope_tables(manifest.model.head_dim, manifest.model.max_seq_len, manifest.model.rope_theta)
     model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
+    if dtype != torch.float32:
+        model.head_fp32 = model.output.weight.float()
     return model.eval()

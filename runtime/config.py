@@ -156,6 +156,10 @@ class Manifest:
     shards: tuple[ShardFile, ...]
     tokenizer: TokenizerInfo
     provenance: Provenance
+    # The target machine as the runtime needs it to compare plan and machine (the runtime never
+    # imports toolchain): gpu, compute_capability [major, minor], n_gpus, mem_per_gpu_gib.
+    # Optional within format version 1: older manifests lack it (None).
+    target_info: dict | None = None
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
@@ -185,9 +189,16 @@ class Manifest:
                 shards=tuple(ShardFile(**s) for s in raw["shards"]),
                 tokenizer=TokenizerInfo(**raw["tokenizer"]),
                 provenance=Provenance(**raw["provenance"]),
+                target_info=_target_info(raw.get("target_info")),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise file_error(path, f"malformed manifest ({type(e).__name__}: {e})") from None
+
+
+def _target_info(raw) -> dict | None:
+    if raw is not None and not isinstance(raw, dict):
+        raise TypeError(f"target_info must be an object, got {type(raw).__name__}")
+    return raw
 
 
 def weight_names(args: ModelArgs) -> list[str]:

@@ -132,7 +132,11 @@ def load_items(data: str | None) -> tuple[list[Item], str]:
     if not path.is_file():
         raise file_error(path, "no such HellaSwag file")
     name = path.name.removesuffix(".bz2")
-    items = load_jsonl(path) if name.endswith((".jsonl", ".json")) else load_six_line(path)
+    try:
+        items = load_jsonl(path) if name.endswith((".jsonl", ".json")) else load_six_line(path)
+    except (UnicodeDecodeError, OSError, EOFError) as e:  # not UTF-8 text, or a damaged .bz2
+        kind = "bz2-compressed UTF-8 text" if path.suffix == ".bz2" else "UTF-8 text"
+        raise file_error(path, f"cannot be read as {kind} ({e})") from None
     if not items:
         raise file_error(path, "holds no items")
     return items, str(path.resolve())

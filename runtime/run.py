@@ -14,6 +14,7 @@ from tqdm import tqdm
 from runtime.artifact import build_model, load_manifest, load_tokenizer, manifest_sha256
 from runtime.errors import HscError
 from runtime.hellaswag import load_items
+from runtime.packed import PackedScorer
 from runtime.scoring import build_requests, compute_scores, predictions, request_tokens, score_reference
 
 
@@ -25,7 +26,10 @@ class RunConfig:
     output: Path | None = None  # default: results/<artifact name>
     bos: bool | None = None  # None: the tokenizer's own convention, from the manifest
     device: str = "auto"
-    batch_tokens: int = 16384  # tokens per forward (padding included) in the reference path
+    batch_tokens: int = 16384  # tokens per forward, padding included
+    engine: str = "packed"  # "packed": shared context, fixed shapes; "reference": one forward per ending
+    compile: bool | None = None  # torch.compile (+ CUDA graphs on GPUs); None: on CUDA only
+    row_len: int | None = None  # packed rows; None: the longest item rounded up to 64
 
 
 def pick_device(name: str) -> torch.device:
@@ -33,12 +37,48 @@ def pick_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise HscError(f"--device {name}: no CUDA device is available")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise HscError(f"--device {name}: not a device; use auto, cpu, cuda or cuda:N") from None
+
+
+class ReferenceEngine:
+    """lm-eval's loop: one forward per request (right-padded batches of similar length)."""
+
+    def __init__(self, model, cfg: RunConfig, device):
+        self.model, self.cfg, self.device = model, cfg, device
+
+    def prepare(self, requests):
+        return requests
+
+    def warmup(self, requests):
+        score_reference(self.model, requests[:4], self.device, self.cfg.batch_tokens)
+
+    def score(self, requests, progress=None):
+        return score_reference(self.model, requests, self.device, self.cfg.batch_tokens, progress=progress)
+
+
+def make_engine(model, cfg: RunConfig, device):
+    if cfg.engine == "reference":
+        return ReferenceEngine(model, cfg, device)
+    if cfg.engine != "packed":
+        raise HscError(f"--engine {cfg.engine}: choose packed or reference")
+    compile = device.type == "cuda" if cfg.compile is None else cfg.compile
+    return PackedScorer(model, device, cfg.row_len, cfg.batch_tokens, compile=compile)
+
+
+def configure_backends(dtype: torch.dtype) -> None:
+    """TF32 only where it is exact: in a bf16/fp16 model the one fp32 matmul is the LM head, whose
+    operands are bf16/fp16 values (exactly representable in TF32) accumulated in fp32. An fp32
+    model keeps full fp32 matmuls."""
+    torch.backends.cuda.matmul.allow_tf32 = dtype != torch.float32
 
 
 def score_requests(model, requests, cfg: RunConfig, device, progress=None) -> list[float]:
-    """The scoring engine: summed continuation log-likelihood per request, in request order."""
-    return score_reference(model, requests, device, cfg.batch_tokens, progress=progress)
+    """Summed continuation log-likelihood per request, in request order (no warm-up)."""
+    engine = make_engine(model, cfg, device)
+    return engine.score(engine.prepare(requests), progress=progress)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -50,39 +90,62 @@ def _write_atomic(path: Path, text: str) -> None:
 def run(cfg: RunConfig, command: str, echo=print) -> dict:
     t_start = time.perf_counter()
     manifest = load_manifest(cfg.artifact)
-    if manifest.mapping.world_size > 1:
-        raise HscError(f"{cfg.artifact}: plan {manifest.mapping} needs {manifest.mapping.world_size} "
-                       "processes; tensor-parallel execution is not implemented yet")
-    device = pick_device(cfg.device)
+    # One process per rank of the plan (TP x DP, runtime/distributed.py): the launch and the machine
+    # are checked against the plan before any weight is read.
+    from runtime import distributed
+
+    d = distributed.setup(manifest, cfg.device, artifact=cfg.artifact)
+    device = d.device
     items, data_source = load_items(cfg.data)
     if cfg.limit is not None:
         if cfg.limit < 1:
             raise HscError(f"--limit {cfg.limit}: must be at least 1")
         items = items[: cfg.limit]
+    # Data parallel: this replica scores every dp-th item (an item's 4 requests stay together); the
+    # ranks of a tensor-parallel group hold the same items and run identical batches.
+    all_items, mine = items, distributed.replica_items(d, len(items))
+    items = [all_items[i] for i in mine]
 
     tok = load_tokenizer(cfg.artifact, manifest)
     add_bos = manifest.tokenizer.add_bos if cfg.bos is None else cfg.bos
     requests = build_requests(items, tok, add_bos)
     t_tokenized = time.perf_counter()
 
-    model = build_model(cfg.artifact, manifest, device)
+    model = distributed.build_rank_model(d, cfg.artifact, manifest)  # rank{tp_rank}.safetensors only
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    distributed.barrier(d)  # every clock is read on rank 0 once all ranks got there
     t_loaded = time.perf_counter()
 
-    # Warm-up: one small batch, so kernel selection and allocator growth stay out of scoring time.
-    score_requests(model, requests[:4], cfg, device)
+    configure_backends(model.output.weight.dtype)
+    engine = make_engine(model, cfg, device)
+    prepared = engine.prepare(requests)  # packing and gather indices, before any clock that counts
+    t_prepared = time.perf_counter()
+    # Warm-up: compilation, CUDA-graph capture, kernel selection, allocator growth.
+    engine.warmup(prepared)
     if device.type == "cuda":
         torch.cuda.synchronize()
+    distributed.barrier(d)
     t_warm = time.perf_counter()
 
-    n_tokens = sum(len(request_tokens(r, model.args.max_seq_len)[0]) for r in requests)
-    with tqdm(total=n_tokens, unit="tok", unit_scale=True, desc="scoring", disable=None) as bar:
-        logliks = score_requests(model, requests, cfg, device, progress=bar.update)
+    if cfg.engine == "packed":
+        n_tokens = sum(prepared.real_tokens)
+    else:
+        n_tokens = sum(len(request_tokens(r, model.args.max_seq_len)[0]) for r in requests)
+    with tqdm(total=n_tokens, unit="tok", unit_scale=True, desc="scoring",
+              disable=None if d.is_writer else True) as bar:
+        logliks = engine.score(prepared, progress=bar.update)
     if device.type == "cuda":
         torch.cuda.synchronize()
+    distributed.barrier(d)
     t_scored = time.perf_counter()
+    # The writer (global rank 0) collects every replica's requests and log-likelihoods in item order.
+    gathered = distributed.gather_replicas(d, all_items, mine, requests, logliks, n_tokens)
+    if gathered is None:  # not the writer: only rank 0 prints and writes
+        distributed.teardown(d)
+        return {}
+    items, requests, logliks, n_tokens = gathered
 
     preds, preds_norm = predictions(items, logliks)
     scores = compute_scores(items, preds, preds_norm)
@@ -97,8 +160,11 @@ def run(cfg: RunConfig, command: str, echo=print) -> dict:
         "limit": cfg.limit,
         "join_mismatch_requests": sum(r.join_mismatch for r in requests),
         "tokens_forwarded": n_tokens,
+        "engine": cfg.engine,
+        "batch_shape": list(prepared.shape) if cfg.engine == "packed" else None,
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "precision": manifest.precision,
+        "world_size": d.world_size, "tp": d.tp, "dp": d.dp, "backend": d.backend,
         "model": manifest.model_name,
         "artifact": str(Path(cfg.artifact).resolve()),
         "manifest_sha256": manifest_sha256(cfg.artifact),
@@ -106,7 +172,8 @@ def run(cfg: RunConfig, command: str, echo=print) -> dict:
         "timings": {
             "tokenize_s": round(t_tokenized - t_start, 3),
             "load_s": round(t_loaded - t_tokenized, 3),
-            "warmup_s": round(t_warm - t_loaded, 3),
+            "prepare_s": round(t_prepared - t_loaded, 3),
+            "warmup_s": round(t_warm - t_prepared, 3),
             "scoring_s": round(t_scored - t_warm, 3),
             "total_s": round(t_scored - t_start, 3),
         },
@@ -129,7 +196,8 @@ def run(cfg: RunConfig, command: str, echo=print) -> dict:
          f"BOS {'on' if add_bos else 'off'}")
     echo(f"  acc      = {100 * scores.acc:.2f} ± {100 * scores.acc_stderr:.2f}")
     echo(f"  acc_norm = {100 * scores.acc_norm:.2f} ± {100 * scores.acc_norm_stderr:.2f}  (lm-eval: per character)")
-    echo(f"  time: load {t['load_s']:.1f} s, warm-up {t['warmup_s']:.1f} s, scoring {t['scoring_s']:.1f} s "
+    echo(f"  time: load {t['load_s']:.1f} s, prepare {t['prepare_s']:.1f} s, warm-up {t['warmup_s']:.1f} s, scoring {t['scoring_s']:.1f} s "
          f"({n_tokens / max(t['scoring_s'], 1e-9):,.0f} tok/s), total {t['total_s']:.1f} s")
     echo(f"  wrote {out / 'results.json'} and {out / 'samples.jsonl'}")
+    distributed.teardown(d)
     return results

@@ -23,6 +23,8 @@ class Tokenizer:
             except (OSError, RuntimeError) as e:
                 raise file_error(path, f"not a sentencepiece model ({e})") from None
             self.vocab_size = self._sp.GetPieceSize()
+            if self.bos_id is None and self._sp.bos_id() >= 0:
+                self.bos_id = self._sp.bos_id()
             self._encode = lambda text: self._sp.EncodeAsIds(text)
         elif kind == "hf":
             from tokenizers import Tokenizer as HFTokenizer

@@ -60,12 +60,69 @@ def compile_cmd(source, target, precision, out_dir, tokenizer_path, tp, force):
               help="directory for results.json and samples.jsonl [default: results/<artifact>]")
 @click.option("--bos/--no-bos", default=RUN_DEFAULTS.bos, help="override the tokenizer's BOS convention")
 @click.option("--device", default=RUN_DEFAULTS.device, show_default=True, help="auto, cpu, cuda, cuda:N")
-@click.option("--batch-tokens", type=int, default=RUN_DEFAULTS.batch_tokens, show_default=True)
-def run_cmd(artifact, data, limit, output, bos, device, batch_tokens):
+@click.option("--batch-tokens", type=int, default=RUN_DEFAULTS.batch_tokens, show_default=True,
+              help="tokens per forward pass, padding included")
+@click.option("--engine", type=click.Choice(["packed", "reference"]), default=RUN_DEFAULTS.engine,
+              show_default=True, help="packed: shared context, fixed shapes; reference: lm-eval's loop")
+@click.option("--compile/--no-compile", "compile_", default=RUN_DEFAULTS.compile,
+              help="torch.compile + CUDA graphs [default: on for CUDA]")
+@click.option("--row-len", type=int, default=RUN_DEFAULTS.row_len,
+              help="packed row length [default: longest item, rounded up to 64]")
+@click.option("--nproc", type=int, default=None,
+              help="run as N processes on this machine under torchrun (N = the plan's TP x DP; docs/distributed.md)")
+def run_cmd(artifact, data, limit, output, bos, device, batch_tokens, engine, compile_, row_len, nproc):
     """Score HellaSwag with a compiled ARTIFACT; print acc and acc_norm with standard errors."""
     from runtime.run import run
 
-    run(RunConfig(artifact, data, limit, output, bos, device, batch_tokens), _command_line(), echo=click.echo)
+    if nproc is not None:  # re-launch this same command under torchrun, without --nproc
+        from runtime.distributed import launch
+
+        rc = launch(artifact, nproc, sys.argv[1:])
+        if rc is not None:
+            if rc:
+                raise HscError(f"{artifact}: the {nproc}-process run failed (torchrun exit status {rc}); "
+                               "the failing rank's error is above")
+            return
+
+    run(RunConfig(artifact, data, limit, output, bos, device, batch_tokens, engine, compile_, row_len),
+        _command_line(), echo=click.echo)
+
+
+@cli.command("bench")
+@click.option("--shape", type=click.Choice(["llama-30b", "llama-7b", "smollm2-135m"]), default="llama-30b",
+              show_default=True)
+@click.option("--precision", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True)
+@click.option("--gpus", type=int, default=1, show_default=True, help="data-parallel replicas, one per GPU")
+@click.option("--layers", type=int, default=None, help="use fewer layers than the shape has")
+@click.option("--limit", type=int, default=None, help="score only the first N items")
+@click.option("--batch-tokens", type=int, default=16384, show_default=True)
+@click.option("--compile/--no-compile", "compile_", default=True, show_default=True)
+@click.option("--baseline", type=click.Choice(["none", "hf"]), default="none", show_default=True,
+              help="hf: also time lm-eval's transformers loop on the same shape")
+@click.option("--baseline-items", type=int, default=None, help="items for the baseline [default: all]")
+@click.option("--data", default=None, help="HellaSwag source, as for hsc run")
+@click.option("--tokenizer", "tokenizer_path", type=click.Path(path_type=Path), default=None,
+              help="LLaMA tokenizer.model [default: shared/data/llama-tokenizer.model]")
+@click.option("--output", type=click.Path(path_type=Path), default=None, help="write bench.json here")
+def bench_cmd(shape, precision, gpus, layers, limit, batch_tokens, compile_, baseline, baseline_items, data,
+              tokenizer_path, output):
+    """Time the runtime at a model shape with random weights on the GPU(s), over real HellaSwag tokens."""
+    from runtime.bench import BenchConfig, run_bench
+    from runtime.hellaswag import find_shared_file, load_items
+    from runtime.tokenizer import Tokenizer
+
+    if tokenizer_path is None:
+        shared = find_shared_file()
+        tokenizer_path = shared.parent / "llama-tokenizer.model" if shared else None
+    if tokenizer_path is None or not Path(tokenizer_path).is_file():
+        raise HscError(f"{tokenizer_path or 'llama-tokenizer.model'}: LLaMA tokenizer not found (pass --tokenizer)")
+    tok = Tokenizer("sentencepiece", tokenizer_path, None, None)
+    items, _ = load_items(data)
+    cfg = BenchConfig(shape, precision, gpus, layers, limit, batch_tokens, compile_, baseline, baseline_items)
+    result = run_bench(cfg, items, tok, echo=click.echo)
+    if output:
+        Path(output).mkdir(parents=True, exist_ok=True)
+        (Path(output) / "bench.json").write_text(json.dumps({**result, "command": _command_line()}, indent=2) + "\n")
 
 
 @cli.command("inspect")

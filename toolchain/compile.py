@@ -90,8 +90,11 @@ def write_artifact(src: ModelSource, plan: Plan, target: str, out_dir: Path, com
     dtype = getattr(torch, PRECISION_DTYPES[plan.precision])
     tp = plan.mapping.tp
     shapes = _all_shapes(src)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    except OSError as e:  # the parent is a file, or not writable
+        raise file_error(out_dir.parent, f"cannot create the artifact directory here ({e.strerror or e})") from None
     writers: list[StreamingSafetensorsWriter] = []
     try:
         meta = {"format": "pt", "hsc_format_version": str(FORMAT_VERSION)}
@@ -128,6 +131,7 @@ def write_artifact(src: ModelSource, plan: Plan, target: str, out_dir: Path, com
                 command=command,
                 created_utc=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             ),
+            target_info=_target_info(get_target(target)),
         )
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())
         tmp.chmod(0o755)  # mkdtemp makes it private; an artifact is meant to be shared
@@ -150,10 +154,18 @@ def compile_checkpoint(source: str | Path, target_name: str, precision: str, out
         plan = make_plan(src.args, target, precision, tp=tp)
         if out_dir is None:
             out_dir = Path("artifacts") / f"{_slug(src.model_name)}-{target.name}-{plan.precision}"
+        if out_dir.exists() and not out_dir.is_dir():
+            raise file_error(out_dir, "exists and is not a directory (--force replaces only an artifact directory)")
         if out_dir.exists() and not force:
             raise file_error(out_dir, "already exists (use --force to replace it)")
         log(f"plan: {plan.explanation}")
         return write_artifact(src, plan, target.name, out_dir, command), out_dir
+
+
+def _target_info(t) -> dict:
+    """What `hsc run` needs to compare the plan with the machine it lands on (runtime/distributed.py)."""
+    return {"gpu": t.gpu, "compute_capability": list(t.compute_capability) if t.compute_capability else None,
+            "n_gpus": t.n_gpus, "mem_per_gpu_gib": t.mem_per_gpu_gib}
 
 
 def _slug(name: str) -> str:

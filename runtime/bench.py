@@ -1,0 +1,249 @@
+"""`hsc bench`: the runtime's speed at a model shape, with random weights built on the GPU.
+
+Random weights of the exact shape cost the same FLOPs as the real model, so the LLaMA-30B speed
+can be measured without its checkpoint. Items are the real HellaSwag validation items, tokenized
+with the real LLaMA tokenizer; scoring runs the same engine as `hsc run`. `--baseline hf` runs
+the loop lm-eval's HF backend runs (one request per ending, sorted, right-padded batches of 64,
+full-vocabulary log-softmax) on a transformers model of the same shape, in the same process.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+
+import torch
+
+from runtime.config import ModelArgs
+from runtime.hellaswag import Item
+from runtime.model import Transformer, rope_tables
+from runtime.packed import PackedScorer
+from runtime.scoring import Request, build_requests
+
+SHAPES = {
+    "llama-30b": ModelArgs(dim=6656, n_layers=60, n_heads=52, vocab_size=32000, multiple_of=256),
+    "llama-7b": ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256),
+    "smollm2-135m": ModelArgs(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152,
+                              hidden_dim=1536, rope_theta=100000.0),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def random_model(args: ModelArgs, dtype: torch.dtype, device, seed: int = 0) -> Transformer:
+    """Weights ~ N(0, 1/fan_in), norms 1: activations stay O(1) through any depth."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    model = model.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 1.0 / math.sqrt(p.shape[-1]), generator=gen)
+    model = model.to(dtype)
+    cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
+    model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
+    if dtype != torch.float32:
+        model.head_fp32 = model.output.weight.float()
+    return model.eval()
+
+
+def flops_per_token(args: ModelArgs, context: int) -> float:
+    """Matrix FLOPs of one token through the body (linears + attention scores over `context` keys)."""
+    kv = args.kv_heads * args.head_dim
+    linear = 2 * (2 * args.dim * args.dim + 2 * args.dim * kv + 3 * args.dim * args.ffn_dim)
+    return args.n_layers * (linear + 4 * context * args.dim)
+
+
+def gemm_rate(dtype: torch.dtype, m: int, k: int, n: int, device) -> float:
+    """Measured FLOP/s of one [m, k] x [k, n] product in `dtype` (median of 20 after warm-up)."""
+    a = torch.randn(m, k, device=device, dtype=dtype)
+    b = torch.randn(k, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(20):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * m * k * n / sorted(times)[len(times) // 2]
+
+
+@dataclass
+class BenchResult:
+    seconds: float
+    tokens: int
+    model_flops: float
+    warmup_s: float
+    logliks: list[float]
+
+
+def bench_packed(model, requests: list[Request], device, batch_tokens: int, compile: bool,
+                 progress=None) -> BenchResult:
+    scorer = PackedScorer(model, device, None, batch_tokens, compile=compile)
+    batches = scorer.prepare(requests)
+    t0 = time.perf_counter()
+    scorer.warmup(batches)
+    warm = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    logliks = scorer.score(batches, progress=progress)
+    seconds = time.perf_counter() - t0
+    tokens = sum(batches.real_tokens)
+    avg_ctx = scorer.row_len / 2  # attention keys per token, roughly
+    head = 2 * model.args.dim * model.args.vocab_size * sum(len(r.continuation) for r in requests)
+    return BenchResult(seconds, tokens, tokens * flops_per_token(model.args, avg_ctx) + head, warm, logliks)
+
+
+def hf_baseline(args: ModelArgs, dtype: torch.dtype, requests: list[Request], device, batch_size: int = 64) -> float:
+    """Seconds for lm-eval's HF loop over `requests` with a transformers model of the same shape."""
+    import torch.nn.functional as F
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.ffn_dim,
+                         num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
+                         num_key_value_heads=args.kv_heads, rms_norm_eps=args.norm_eps,
+                         rope_theta=args.rope_theta, max_position_embeddings=args.max_seq_len)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            hf = LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(default)
+    # lm-eval sorts by descending total length so that each batch pads little.
+    order = sorted(range(len(requests)), key=lambda i: -len(requests[i].context + requests[i].continuation))
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for s in range(0, len(order), batch_size):
+            batch = [requests[i] for i in order[s:s + batch_size]]
+            seqs = [list(r.context + r.continuation)[:-1] for r in batch]
+            T = max(map(len, seqs))
+            inp = torch.zeros(len(seqs), T, dtype=torch.long)
+            for b, x in enumerate(seqs):
+                inp[b, :len(x)] = torch.tensor(x)
+            logp = F.log_softmax(hf(inp.to(device)).logits.float(), dim=-1)  # [B, T, vocab]
+            for b, r in enumerate(batch):
+                n, L = len(r.continuation), len(seqs[b])
+                cont = torch.tensor(r.continuation, device=device)
+                logp[b, L - n:L].gather(-1, cont[:, None]).sum().item()
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    del hf
+    torch.cuda.empty_cache()
+    return seconds
+
+
+def bench_requests(items: list[Item], tokenizer, n_layers: int | None, args: ModelArgs):
+    return build_requests(items, tokenizer, add_bos=True), (replace(args, n_layers=n_layers) if n_layers else args)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    shape: str = "llama-30b"
+    precision: str = "bf16"
+    gpus: int = 1
+    layers: int | None = None  # fewer layers than the shape has, for quick checks
+    limit: int | None = None  # items [0, limit); default all 10,042
+    batch_tokens: int = 16384
+    compile: bool = True
+    baseline: str = "none"  # "hf": also time lm-eval's transformers loop
+    baseline_items: int | None = None  # items for the baseline (and a same-items hsc timing); default all
+
+
+def _worker(rank: int, cfg: BenchConfig, requests: list[Request], args: ModelArgs, port: int, queue):
+    import os
+
+    import torch.distributed as dist
+
+    device = torch.device("cuda", rank)
+    torch.cuda.set_device(device)
+    if cfg.gpus > 1:
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=cfg.gpus,
+                                device_id=device)
+    torch.backends.cuda.matmul.allow_tf32 = DTYPES[cfg.precision] != torch.float32
+    model = random_model(args, DTYPES[cfg.precision], device)
+    # Data parallel: whole items (4 requests each) dealt round-robin.
+    mine = [r for k in range(rank, len(requests) // 4, cfg.gpus) for r in requests[4 * k: 4 * k + 4]]
+    scorer = PackedScorer(model, device, None, cfg.batch_tokens, compile=cfg.compile)
+    batches = scorer.prepare(mine)
+    t0 = time.perf_counter()
+    scorer.warmup(batches)
+    warm = time.perf_counter() - t0
+    if cfg.gpus > 1:
+        dist.barrier()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    logliks = scorer.score(batches)
+    torch.cuda.synchronize()
+    if cfg.gpus > 1:
+        dist.barrier()
+    seconds = time.perf_counter() - t0
+    queue.put((rank, seconds, warm, sum(batches.real_tokens), torch.cuda.max_memory_allocated(device),
+               list(batches.shape), logliks))
+    if cfg.gpus > 1:
+        dist.destroy_process_group()
+
+
+def run_bench(cfg: BenchConfig, items: list[Item], tokenizer, echo=print) -> dict:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    if not torch.cuda.is_available() or torch.cuda.device_count() < cfg.gpus:
+        from runtime.errors import HscError
+
+        raise HscError(f"hsc bench --gpus {cfg.gpus}: needs {cfg.gpus} CUDA device(s), "
+                       f"found {torch.cuda.device_count() if torch.cuda.is_available() else 0}")
+    args = SHAPES[cfg.shape]
+    if cfg.layers:
+        args = replace(args, n_layers=cfg.layers)
+    items = items[: cfg.limit] if cfg.limit else items
+    requests = build_requests(items, tokenizer, add_bos=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(r, cfg, requests, args, port, queue)) for r in range(cfg.gpus)]
+    for p in procs:
+        p.start()
+    results = sorted(queue.get() for _ in procs)
+    for p in procs:
+        p.join()
+    seconds = max(r[1] for r in results)
+    tokens = sum(r[3] for r in results)
+    dtype = DTYPES[cfg.precision]
+    rate = gemm_rate(dtype, cfg.batch_tokens, args.dim, args.ffn_dim, "cuda")
+    n_targets = sum(len(r.continuation) for r in requests)
+    model_flops = tokens * flops_per_token(args, results[0][5][1] / 2) + 2 * args.dim * args.vocab_size * n_targets
+    out = {
+        "shape": cfg.shape, "layers": args.n_layers, "precision": cfg.precision, "gpus": cfg.gpus,
+        "items": len(items), "tokens": tokens, "scoring_s": round(seconds, 3),
+        "warmup_s": round(max(r[2] for r in results), 1), "tokens_per_s": round(tokens / seconds),
+        "batch_shape": results[0][5], "peak_gpu_memory_gb": round(max(r[4] for r in results) / 1e9, 2),
+        "gemm_tflops_measured": round(rate / 1e12, 1),
+        "achieved_tflops": round(model_flops / seconds / 1e12, 1),
+        "fraction_of_gemm_rate": round(model_flops / seconds / rate, 3),
+        "device": torch.cuda.get_device_name(0),
+    }
+    if cfg.baseline == "hf":
+        n = cfg.baseline_items or len(items)
+        sub = requests[: 4 * n]
+        out["baseline_items"] = n
+        out["baseline_hf_s"] = round(hf_baseline(args, dtype, sub, torch.device("cuda", 0)), 2)
+        if n < len(items):  # hsc on exactly the baseline's items, for a like-for-like ratio
+            sub_cfg = replace(cfg, gpus=1, limit=n, baseline="none")
+            out["hsc_same_items_s"] = run_bench(sub_cfg, items, tokenizer, echo=lambda *_: None)["scoring_s"]
+        else:
+            out["hsc_same_items_s"] = out["scoring_s"]
+        out["speedup_vs_hf"] = round(out["baseline_hf_s"] / out["hsc_same_items_s"], 2)
+    echo(" ".join(f"{k}={v}" for k, v in out.items()))
+    return out
