@@ -195,10 +195,13 @@ def setup(manifest: Manifest, device_name: str = "auto", artifact=None, warn=_wa
     local_rank = _env_int("LOCAL_RANK", 0) if launched else 0
     local_world = _env_int("LOCAL_WORLD_SIZE", world) if launched else 1
     if launched and world != m.world_size:
-        raise HscError(f"{artifact}: started as {world} process{'es' if world != 1 else ''} but its plan "
-                       f"{_plan_text(manifest)} needs {m.world_size}; launch exactly {m.world_size} "
+        raise HscError(f"{artifact}: started as {world} process{'es' if world != 1 else ''}, but its plan is "
+                       f"{_plan_text(manifest)}: launch exactly {m.world_size} "
                        f"(`--nproc-per-node` x `--nnodes` = {m.world_size})")
 
+    if launched and m.tp > 1 and local_world % m.tp and local_rank == 0:
+        warn(f"{artifact}: {local_world} processes per machine do not hold whole TP={m.tp} groups, so "
+             f"tensor-parallel all-reduces cross machines (slow); use --nproc-per-node a multiple of {m.tp}")
     device = resolve_device(manifest, device_name, artifact, local_rank, multi=world > 1, warn=warn)
     gpus_needed = local_world if launched else m.world_size
     check_machine(manifest, device, artifact, gpus_needed, tp_rank=rank % m.tp, local_rank=local_rank, warn=warn)
@@ -350,8 +353,9 @@ def launch(artifact, nproc: int, argv: list[str]) -> int | None:
     manifest = load_manifest(Path(artifact))
     want = manifest.mapping.world_size
     if nproc != want:
-        raise HscError(f"{artifact}: --nproc {nproc} but its plan {_plan_text(manifest)} needs {want}; "
-                       f"use --nproc {want}")
+        raise HscError(f"{artifact}: --nproc {nproc}, but its plan is {_plan_text(manifest)}: use --nproc {want}")
     if nproc == 1:
         return None
-    return subprocess.call(torchrun_command(nproc, argv))
+    cmd = torchrun_command(nproc, argv)
+    print(f"hsc: launching {nproc} processes: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+    return subprocess.call(cmd)

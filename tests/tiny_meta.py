@@ -15,8 +15,12 @@ from pathlib import Path
 import torch
 
 from runtime.config import ModelArgs, global_shapes, layer_shapes, weight_names
+from runtime.hellaswag import find_shared_file
 
-TOKENIZER = Path(__file__).resolve().parents[2] / "shared/data/llama-tokenizer.model"
+# The real LLaMA tokenizer beside the HellaSwag file: ../shared/data here and in CI,
+# ./shared/data on the device machine.
+_HELLASWAG = find_shared_file(Path(__file__).resolve().parents[1])
+TOKENIZER = (_HELLASWAG.parent if _HELLASWAG else Path("shared/data")) / "llama-tokenizer.model"
 TOKENIZER_VOCAB = 32000
 
 # Column-parallel layers hold output rows (dim 0), row-parallel ones input columns (dim 1),

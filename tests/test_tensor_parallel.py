@@ -1,0 +1,371 @@
+"""Tensor-parallel (TP) and data-parallel (DP) runs on CPU processes (gloo) equal the one-process run.
+
+Tiny Meta checkpoints (with and without GQA) are compiled once per module for GPU targets with a forced
+TP degree in fp32 (exact enough to compare), and run as 2 or 4 CPU processes with `--device cpu`.
+The correctness matrix forks its ranks from this process (torch is already imported, so a rank starts
+in milliseconds) with torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR...), calling the same
+`runtime.run.run` that `hsc run` calls; the launch paths themselves (`hsc run --nproc`, torchrun)
+are checked end to end with real processes. GPUs are simulated by monkeypatching torch.cuda.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors import safe_open
+
+from runtime import distributed
+from runtime.artifact import load_manifest
+from runtime.config import ModelArgs
+from runtime.errors import HscError
+from runtime.run import RunConfig, run
+from tests.tiny_meta import write_tiny_meta_checkpoint
+from toolchain.compile import compile_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+N_ITEMS = 24
+# Per ending: |loglik(parallel) - loglik(TP=1)| <= TOL + TOL_REL * |loglik|. The split changes the order
+# of the fp32 sums inside wo/w2 and so the rounding of each fp32 token log-prob (~1e-6 at -10); over
+# ~40 tokens of a ~-430 ending that is ~1e-5 (measured worst over 8 seeds: 1.1e-5). A wrong shard
+# or head mapping is off by O(1).
+TOL, TOL_REL = 1e-5, 1e-7
+BATCH_TOKENS = 2048  # small batches: the warm-up of 4 ranks on 2 cores stays short
+GIB = 1 << 30
+# dim 64 = 8 heads of 8; FFN 192. GQA: 4 kv heads (one per rank at TP=4); MHA: 8 kv heads.
+MODELS = {
+    "gqa": ModelArgs(dim=64, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=-1, multiple_of=32),
+    "mha": ModelArgs(dim=64, n_layers=2, n_heads=8, n_kv_heads=None, vocab_size=-1, multiple_of=32),
+}
+# name: (target, --tp, precision) -> the plan TP x DP
+BUILDS = {
+    "tp1": ("cpu", None, "fp32"),
+    "tp4": ("h200x4", 4, "fp32"),  # TP=4, DP=1
+    "tp2": ("h200x2", 2, "fp32"),  # TP=2, DP=1
+    "tp2dp2": ("h200x4", 2, "fp32"),  # TP=2, DP=2
+}
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, shared_data):
+    """{model: {build: artifact}}, plus the one-process (TP=1) samples of each model."""
+    root = tmp_path_factory.mktemp("tp")
+    arts, ref = {}, {}
+    for i, (name, args) in enumerate(MODELS.items()):
+        write_tiny_meta_checkpoint(root / f"ckpt-{name}", args, 1, seed=1234 + i)
+        arts[name] = {}
+        for build, (target, tp, precision) in BUILDS.items():
+            out = root / f"{name}-{build}"
+            compile_checkpoint(root / f"ckpt-{name}", target, precision, out, "test", tp=tp, log=lambda *_: None)
+            arts[name][build] = out
+        res = root / f"res-{name}-tp1"
+        run(RunConfig(arts[name]["tp1"], str(shared_data), N_ITEMS, res, device="cpu", batch_tokens=BATCH_TOKENS),
+            "test", echo=lambda *_: None)
+        ref[name] = read_samples(res)
+    return SimpleNamespace(root=root, arts=arts, ref=ref, data=shared_data)
+
+
+def read_samples(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(out_dir) / "samples.jsonl").read_text().splitlines()]
+
+
+def assert_same_samples(got: list[dict], want: list[dict]) -> float:
+    """Same items in the same order, same predictions, log-likelihoods within tolerance; the worst
+    gap as a fraction of the tolerance."""
+    assert [s["index"] for s in got] == [s["index"] for s in want]
+    worst = 0.0
+    for g, w in zip(got, want):
+        assert (g["pred"], g["pred_norm"], g["cont_tokens"], g["label"]) == \
+               (w["pred"], w["pred_norm"], w["cont_tokens"], w["label"]), g["index"]
+        worst = max(worst, max(abs(a - b) / (TOL + TOL_REL * abs(b)) for a, b in zip(g["loglik"], w["loglik"])))
+    assert worst <= 1.0, f"max |loglik(parallel) - loglik(TP=1)| = {worst:.2f} x the tolerance"
+    return worst
+
+
+# ---------------------------------------------------------------- forked ranks
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(local_rank: int, world: int, port: int, cfg: RunConfig, status_dir: Path) -> None:
+    """One rank, as torchrun would start it: its environment, then `hsc run`'s own function."""
+    os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world),
+                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)  # a forked child must not reuse the parent's OpenMP pool
+    try:
+        run(cfg, "test", echo=lambda *_: None)
+        status = "ok"
+    except HscError as e:
+        status = f"error: {e}"
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    (status_dir / f"rank{local_rank}").write_text(status)
+
+
+def run_ranks(world: int, artifact: Path, data: Path, out: Path, limit: int = N_ITEMS) -> list[str]:
+    """Run `artifact` as `world` CPU ranks (gloo); each rank's status: "ok" or "error: ...". """
+    status_dir = out.with_name(out.name + "-status")
+    status_dir.mkdir(parents=True)
+    cfg = RunConfig(artifact, str(data), limit, out, device="cpu", batch_tokens=BATCH_TOKENS)
+    mp.start_processes(_rank_main, args=(world, _free_port(), cfg, status_dir), nprocs=world,
+                       join=True, start_method="fork")
+    return [(status_dir / f"rank{r}").read_text() for r in range(world)]
+
+
+@pytest.fixture(autouse=True)
+def _no_torchrun_env(monkeypatch):
+    """In-process cases run as a plain single process whatever launched pytest."""
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+
+
+# ---------------------------------------------------------------- compile: the per-rank files
+
+
+def test_v100x4_writes_four_fp16_rank_files(built, hsc, tmp_path):
+    art = tmp_path / "v100"
+    code, out, err = hsc("compile", built.root / "ckpt-gqa", "--target", "v100x4", "--tp", "4", "-o", art)
+    assert code == 0, err
+    assert "TP=4" in out and "no bf16" in out
+    m = load_manifest(art)
+    assert m.precision == "fp16" and (m.mapping.tp, m.mapping.dp) == (4, 1)
+    assert [s.file for s in m.shards] == [f"rank{r}.safetensors" for r in range(4)]
+    assert m.target_info == {"gpu": "V100 32GB", "compute_capability": [7, 0], "n_gpus": 4, "mem_per_gpu_gib": 32.0}
+    for r in range(4):
+        with safe_open(art / f"rank{r}.safetensors", "pt") as f:
+            assert f.get_slice("layers.0.attention.wq.weight").get_shape() == [64 // 4, 64]  # 2 of 8 heads
+            assert f.get_slice("layers.0.attention.wk.weight").get_shape() == [8, 64]  # 1 of 4 kv heads
+            assert f.get_slice("layers.0.attention.wo.weight").get_shape() == [64, 16]
+            assert f.get_slice("layers.0.feed_forward.w2.weight").get_shape() == [64, 192 // 4]
+            assert f.get_slice("output.weight").get_shape() == [32000, 64]  # replicated
+            assert f.get_tensor("norm.weight").dtype == torch.float16
+    assert hsc("inspect", art, "--verify")[0] == 0
+
+
+# ---------------------------------------------------------------- parallel == one process
+
+
+@pytest.mark.parametrize("model, build, world", [
+    ("gqa", "tp4", 4), ("mha", "tp4", 4), ("gqa", "tp2", 2), ("gqa", "tp2dp2", 4), ("mha", "tp2dp2", 4)])
+def test_parallel_run_matches_one_process(built, tmp_path, model, build, world):
+    art = built.arts[model][build]
+    assert load_manifest(art).mapping.world_size == world
+    out = tmp_path / "res"
+    assert run_ranks(world, art, built.data, out) == ["ok"] * world
+    assert sorted(os.listdir(out)) == ["results.json", "samples.jsonl"]  # written once, by rank 0
+    assert_same_samples(read_samples(out), built.ref[model])
+    results = json.loads((out / "results.json").read_text())
+    m = load_manifest(art).mapping
+    assert (results["world_size"], results["tp"], results["dp"], results["backend"]) == (world, m.tp, m.dp, "gloo")
+    assert results["n"] == N_ITEMS and results["tokens_forwarded"] > 0
+
+
+def test_nproc_relaunches_under_torchrun(built, tmp_path):
+    """The real thing: `hsc run ART --nproc 2` -> torchrun -> 2 processes of `python -m toolchain.cli run`."""
+    out = tmp_path / "res"
+    proc = subprocess.run([sys.executable, "-m", "toolchain.cli", "run", built.arts["mha"]["tp2"], "--data",
+                           built.data, "--limit", str(N_ITEMS), "--output", out, "--device", "cpu", "--nproc", "2"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("acc_norm") == 1  # only rank 0 prints
+    assert "running it on the CPU as --device cpu asks" in proc.stderr
+    assert_same_samples(read_samples(out), built.ref["mha"])
+    results = json.loads((out / "results.json").read_text())
+    assert (results["world_size"], results["tp"], results["dp"]) == (2, 2, 1)
+    assert "--nproc" not in results["command"]
+
+
+def test_torchrun_command_line():
+    argv = ["run", "ART", "--nproc", "4", "--limit", "8", "--nproc=4"]
+    cmd = distributed.torchrun_command(4, argv)
+    assert cmd[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
+                       "-m", "toolchain.cli", "run", "ART", "--limit", "8"]
+
+
+# ---------------------------------------------------------------- refusals
+
+
+def test_tp_that_does_not_split_the_model_is_refused_at_compile(built, hsc, tmp_path):
+    code, _, err = hsc("compile", built.root / "ckpt-gqa", "--target", "h200x4", "--tp", "3", "-o", tmp_path / "a")
+    assert code == 1 and "--tp 3" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "a").exists()
+    # 2 kv heads cannot be split 4 ways (a kv head is never split).
+    args = ModelArgs(dim=64, n_layers=1, n_heads=8, n_kv_heads=2, vocab_size=-1, multiple_of=32)
+    write_tiny_meta_checkpoint(tmp_path / "kv2", args, 1, seed=0)
+    code, _, err = hsc("compile", tmp_path / "kv2", "--target", "h200x4", "--tp", "4", "-o", tmp_path / "b")
+    assert code == 1 and "cannot split the model" in err and "2 kv heads" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "b").exists()
+
+
+def test_more_ranks_than_the_plan_is_refused_under_torchrun(built, tmp_path):
+    art = built.arts["gqa"]["tp2"]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+                           "-m", "toolchain.cli", "run", art, "--data", built.data, "--limit", "8",
+                           "--output", tmp_path / "res", "--device", "cpu"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("hsc: error: ")]
+    assert errors, proc.stderr
+    assert all(str(art) in e and "started as 4 processes" in e and "launch exactly 2" in e for e in errors), errors
+    assert not (tmp_path / "res").exists()
+
+
+def test_launch_mismatches_are_refused_in_process(built, hsc, tmp_path):
+    art = built.arts["gqa"]["tp2dp2"]
+    # Not launched: the one-line error gives the exact command.
+    code, _, err = hsc("run", art, "--device", "cpu", "--data", built.data, "--limit", 8)
+    assert code == 1 and len(err.splitlines()) == 2  # the --device cpu warning, then the error
+    assert f"hsc run {art} --nproc 4" in err and "torchrun --nproc-per-node 4" in err
+    # --nproc that disagrees with the plan: refused before anything is launched.
+    code, _, err = hsc("run", art, "--device", "cpu", "--nproc", "2")
+    assert code == 1 and "--nproc 2" in err and "use --nproc 4" in err and len(err.splitlines()) == 1
+    # A GPU-target artifact does not fall back to the CPU silently.
+    code, _, err = hsc("run", art)
+    assert code == 1 and "no CUDA device" in err and "--device cpu" in err
+
+
+def test_fewer_items_than_replicas_is_refused(built, tmp_path):
+    statuses = run_ranks(4, built.arts["gqa"]["tp2dp2"], built.data, tmp_path / "res", limit=1)
+    assert all(s.startswith("error: ") and "data-parallel replicas" in s for s in statuses), statuses
+
+
+@pytest.mark.parametrize("damage", ["missing", "tampered"])
+def test_damaged_rank_file_fails_every_rank_naming_the_file(built, tmp_path, damage):
+    art = Path(shutil.copytree(built.arts["mha"]["tp2"], tmp_path / "art"))
+    victim = art / "rank1.safetensors"
+    if damage == "missing":
+        victim.unlink()
+    else:
+        data = bytearray(victim.read_bytes())
+        data[-5] ^= 0x01  # same size, one bit flipped in the last tensor
+        victim.write_bytes(bytes(data))
+    statuses = run_ranks(2, art, built.data, tmp_path / "res", limit=4)
+    want = "missing from the artifact" if damage == "missing" else "sha256 does not match"
+    for s in statuses:
+        assert s.startswith("error: ") and str(victim) in s and want in s, statuses
+    assert not (tmp_path / "res").exists()
+
+
+# ---------------------------------------------------------------- plan vs machine (simulated GPUs)
+
+
+def fake_gpus(monkeypatch, n: int, name: str, cc: tuple[int, int], mem_gib: float) -> None:
+    props = SimpleNamespace(name=name, major=cc[0], minor=cc[1], total_memory=int(mem_gib * GIB))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+
+    def get_props(i):
+        if not 0 <= int(getattr(i, "index", i) or 0) < n:
+            raise AssertionError(f"no GPU {i}")
+        return props
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", get_props)
+
+
+@pytest.fixture
+def no_weights_read(monkeypatch):
+    """Every refusal must come before a weight file is opened."""
+    import runtime.artifact
+
+    def refuse(*a, **k):
+        raise AssertionError("weights were loaded before the plan was checked against the machine")
+
+    monkeypatch.setattr(runtime.artifact, "load_rank_weights", refuse)
+
+
+@pytest.fixture(scope="module")
+def bf16_art(built):
+    """One process on one H200: bf16 (needs sm_80)."""
+    out = built.root / "gqa-h200x1"
+    compile_checkpoint(built.root / "ckpt-gqa", "h200x1", "auto", out, "test", log=lambda *_: None)
+    return out
+
+
+def test_more_gpus_than_present_is_refused(built, hsc, monkeypatch, no_weights_read):
+    fake_gpus(monkeypatch, 1, "NVIDIA H200", (9, 0), 141)
+    art = built.arts["gqa"]["tp2"]
+    code, _, err = hsc("run", art, "--data", built.data, "--limit", 8)
+    assert code == 1 and len(err.splitlines()) == 1
+    assert str(art) in err and "needs 2 GPUs on this machine, 1 present" in err
+
+
+def test_too_little_gpu_memory_is_refused(bf16_art, built, hsc, monkeypatch, no_weights_read):
+    fake_gpus(monkeypatch, 1, "NVIDIA H200", (9, 0), 0.5)
+    code, _, err = hsc("run", bf16_art, "--data", built.data, "--limit", 8)
+    assert code == 1 and len(err.splitlines()) == 1
+    assert "rank0.safetensors needs about" in err and "has 0.5 GiB" in err
+
+
+def test_compute_capability_below_the_precision_is_refused(bf16_art, built, hsc, monkeypatch, no_weights_read):
+    fake_gpus(monkeypatch, 1, "Tesla V100-SXM2-32GB", (7, 0), 32)
+    code, _, err = hsc("run", bf16_art, "--data", built.data, "--limit", 8)
+    assert code == 1
+    assert "bf16 weights need compute capability sm_80" in err and "sm_70" in err
+    assert [line for line in err.splitlines() if line.startswith("hsc: error: ")] == err.splitlines()[-1:]
+
+
+def test_other_gpu_than_the_target_warns_and_continues(built, tmp_path, monkeypatch):
+    """A v100x4 artifact (fp16, TP=4) on four H200s: one warning line, no refusal."""
+    art = tmp_path / "v100"
+    compile_checkpoint(built.root / "ckpt-gqa", "v100x4", "auto", art, "test", tp=4, log=lambda *_: None)
+    fake_gpus(monkeypatch, 4, "NVIDIA H200", (9, 0), 141)
+    warnings = []
+    m = load_manifest(art)
+    distributed.check_machine(m, torch.device("cuda", 0), art, 4, warn=warnings.append)
+    assert len(warnings) == 1 and "V100 32GB" in warnings[0] and "NVIDIA H200" in warnings[0]
+    # The same GPU as the target: silent. Fewer than 4 of them: refused.
+    fake_gpus(monkeypatch, 4, "Tesla V100-SXM2-32GB", (7, 0), 32)
+    distributed.check_machine(m, torch.device("cuda", 0), art, 4, warn=warnings.append)
+    assert len(warnings) == 1
+    fake_gpus(monkeypatch, 2, "Tesla V100-SXM2-32GB", (7, 0), 32)
+    with pytest.raises(HscError, match="needs 4 GPUs on this machine, 2 present"):
+        distributed.check_machine(m, torch.device("cuda", 0), art, 4, warn=warnings.append)
+
+
+def test_manifest_without_target_info_still_loads(built, tmp_path):
+    art = Path(shutil.copytree(built.arts["gqa"]["tp1"], tmp_path / "old"))
+    raw = json.loads((art / "manifest.json").read_text())
+    del raw["target_info"]
+    (art / "manifest.json").write_text(json.dumps(raw))
+    assert load_manifest(art).target_info is None
+
+
+# ---------------------------------------------------------------- on real GPUs (device machine: -m gpu)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_tp2_over_nccl_matches_one_gpu(built, tmp_path):
+    """fp32 TP=2 on 2 GPUs (NCCL, the default engine as `hsc run` picks it) against TP=1 on one GPU."""
+    def hsc_run(art, out, *extra):
+        proc = subprocess.run([sys.executable, "-m", "toolchain.cli", "run", art, "--data", built.data,
+                               "--limit", str(N_ITEMS), "--output", out, *extra],
+                              cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        return read_samples(out)
+
+    one = hsc_run(built.arts["gqa"]["tp1"], tmp_path / "one", "--device", "cuda")
+    two = hsc_run(built.arts["gqa"]["tp2"], tmp_path / "two", "--nproc", "2")
+    assert [s["index"] for s in two] == [s["index"] for s in one]
+    assert max(abs(a - b) for g, w in zip(two, one) for a, b in zip(g["loglik"], w["loglik"])) < 1e-3
+    assert json.loads((tmp_path / "two" / "results.json").read_text())["backend"] == "nccl"
