@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from runtime.artifact import build_model, load_manifest, load_tokenizer, manifest_sha256
+from runtime import distributed
+from runtime.artifact import load_manifest, load_tokenizer, manifest_sha256
 from runtime.errors import HscError
 from runtime.hellaswag import load_items
 from runtime.packed import PackedScorer
@@ -75,16 +76,24 @@ def configure_backends(dtype: torch.dtype) -> None:
     torch.backends.cuda.matmul.allow_tf32 = dtype != torch.float32
 
 
-def score_requests(model, requests, cfg: RunConfig, device, progress=None) -> list[float]:
-    """Summed continuation log-likelihood per request, in request order (no warm-up)."""
-    engine = make_engine(model, cfg, device)
-    return engine.score(engine.prepare(requests), progress=progress)
-
-
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_outputs(out: Path, results: dict, items, requests, logliks, preds, preds_norm) -> None:
+    """results.json and samples.jsonl (one line per item, in item order)."""
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
+    lines = []
+    for k, item in enumerate(items):
+        reqs = requests[4 * k: 4 * k + 4]
+        lines.append(json.dumps({
+            "index": item.index, "label": item.label, "loglik": logliks[4 * k: 4 * k + 4],
+            "cont_chars": [len(e) for e in item.endings], "cont_tokens": [len(r.continuation) for r in reqs],
+            "pred": preds[k], "pred_norm": preds_norm[k]}))
+    _write_atomic(out / "samples.jsonl", "\n".join(lines) + "\n")
 
 
 def run(cfg: RunConfig, command: str, echo=print) -> dict:
@@ -92,8 +101,6 @@ def run(cfg: RunConfig, command: str, echo=print) -> dict:
     manifest = load_manifest(cfg.artifact)
     # One process per rank of the plan (TP x DP, runtime/distributed.py): the launch and the machine
     # are checked against the plan before any weight is read.
-    from runtime import distributed
-
     d = distributed.setup(manifest, cfg.device, artifact=cfg.artifact)
     device = d.device
     items, data_source = load_items(cfg.data)
@@ -180,16 +187,7 @@ def run(cfg: RunConfig, command: str, echo=print) -> dict:
         "command": command,
     }
     out = Path(cfg.output) if cfg.output else Path("results") / Path(cfg.artifact).resolve().name
-    out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
-    lines = []
-    for k, item in enumerate(items):
-        reqs = requests[4 * k: 4 * k + 4]
-        lines.append(json.dumps({
-            "index": item.index, "label": item.label, "loglik": logliks[4 * k: 4 * k + 4],
-            "cont_chars": [len(e) for e in item.endings], "cont_tokens": [len(r.continuation) for r in reqs],
-            "pred": preds[k], "pred_norm": preds_norm[k]}))
-    _write_atomic(out / "samples.jsonl", "\n".join(lines) + "\n")
+    write_outputs(out, results, items, requests, logliks, preds, preds_norm)
 
     t = results["timings"]
     echo(f"hellaswag validation, n={scores.n}, {manifest.model_name} {manifest.precision} on {results['device']}, "
