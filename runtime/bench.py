@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from runtime.config import ModelArgs
+from runtime.errors import HscError
 from runtime.hellaswag import Item
 from runtime.model import Transformer, rope_tables
 from runtime.packed import PackedScorer
@@ -206,8 +207,6 @@ def run_bench(cfg: BenchConfig, items: list[Item], tokenizer, echo=print) -> dic
     import torch.multiprocessing as mp
 
     if not torch.cuda.is_available() or torch.cuda.device_count() < cfg.gpus:
-        from runtime.errors import HscError
-
         raise HscError(f"hsc bench --gpus {cfg.gpus}: needs {cfg.gpus} CUDA device(s), "
                        f"found {torch.cuda.device_count() if torch.cuda.is_available() else 0}")
     args = SHAPES[cfg.shape]

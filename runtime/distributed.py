@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from runtime.artifact import build_model, load_manifest
 from runtime.config import Manifest
 from runtime.errors import HscError
 
@@ -98,6 +99,18 @@ def _warn(message: str) -> None:
     print(f"hsc: warning: {' '.join(message.split())}", file=sys.stderr, flush=True)
 
 
+def pick_device(name: str) -> torch.device:
+    """The one place device names are validated."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise HscError(f"--device {name}: no CUDA device is available")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise HscError(f"--device {name}: not a device; use auto, cpu, cuda or cuda:N") from None
+
+
 def resolve_device(manifest: Manifest, device_name: str, artifact, local_rank: int = 0,
                    multi: bool = False, warn=_warn) -> torch.device:
     """auto: CUDA when present, else CPU -- but a GPU-target artifact refuses to fall back to the CPU
@@ -110,8 +123,6 @@ def resolve_device(manifest: Manifest, device_name: str, artifact, local_rank: i
             raise HscError(f"{artifact}: compiled for target {manifest.target} ({_plan_text(manifest)} on GPUs) "
                            "but no CUDA device is available; pass --device cpu to run it on the CPU anyway (slow)")
         return torch.device("cpu")
-    from runtime.run import pick_device  # the one place device names are validated
-
     device = pick_device(device_name)
     if device.type == "cuda":
         return torch.device("cuda", local_rank if multi or device.index is None else device.index)
@@ -282,8 +293,6 @@ def replica_items(d: Dist, n_items: int) -> list[int]:
 def build_rank_model(d: Dist, artifact, manifest: Manifest, **kwargs):
     """This rank's model: only rank{tp_rank}.safetensors is read (and its sha256 checked). If any rank
     fails to load its file, every rank raises that file's one-line error."""
-    from runtime.artifact import build_model
-
     model, error = None, None
     try:
         model = build_model(artifact, manifest, d.device, tp_rank=d.tp_rank, tp_group=d.tp_group, **kwargs)
@@ -344,8 +353,6 @@ def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
 def launch(artifact, nproc: int, argv: list[str]) -> int | None:
     """Run `hsc run` as `nproc` local processes under torchrun; the exit status, or None when the
     current process should just run (nproc 1 on a one-process plan)."""
-    from runtime.artifact import load_manifest
-
     if nproc < 1:
         raise HscError(f"--nproc {nproc}: must be at least 1")
     if under_torchrun():

@@ -33,17 +33,6 @@ class RunConfig:
     row_len: int | None = None  # packed rows; None: the longest item rounded up to 64
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise HscError(f"--device {name}: no CUDA device is available")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise HscError(f"--device {name}: not a device; use auto, cpu, cuda or cuda:N") from None
-
-
 class ReferenceEngine:
     """lm-eval's loop: one forward per request (right-padded batches of similar length)."""
 
