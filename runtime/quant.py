@@ -250,7 +250,8 @@ def fp8_linear(x: torch.Tensor, qdata: torch.Tensor, w_scale: torch.Tensor) -> t
     fp32), so results agree to fp32 rounding of the sums, then to the output dtype."""
     q, a_scale = _quantize_rows(x, _FP8)  # [M, K] e4m3, [M]
     if _scaled_mm_ok(x):
-        out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.bfloat16
+        # Row-wise scaling outputs bf16/fp16 everywhere (fp32 only on sm_90 with cuBLAS >= 12.9).
+        out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
         return torch._scaled_mm(q, qdata.t(), scale_a=a_scale[:, None].contiguous(),
                                 scale_b=w_scale[None, :].contiguous(), out_dtype=out_dtype).to(x.dtype)
     acc = q.float() @ qdata.float().t()  # [M, N]

@@ -139,10 +139,12 @@ def test_act_pre_scale_is_applied_to_the_input(gen):
     assert set(q.state_dict()) == {"qdata", "scale", "act_pre_scale"}
     assert "act_pre_scale=True" in repr(q)
     x = torch.randn(24, 64, generator=gen)
+    no_pre = QuantLinear.from_float(smoothed, Int8WeightInt8Activation())
     with torch.no_grad():
-        assert sqnr_db(lin(x), q(x)) > SQNR_MIN_DB["int8"]
-        no_pre = QuantLinear.from_float(smoothed, Int8WeightInt8Activation())
-        assert sqnr_db(lin(x), no_pre(x)) < 20  # the pre-scale really is used
+        assert torch.equal(q(x), no_pre(x * (1 / s)))  # the input is multiplied first, then quantized
+        # Random s spreads the weight's columns and so costs some SQNR (about 30 dB measured, vs 40).
+        assert sqnr_db(lin(x), q(x)) > 25
+        assert sqnr_db(lin(x), no_pre(x)) < 20  # without the pre-scale the output is wrong
 
 
 def test_extra_repr_shows_scheme():
@@ -315,9 +317,11 @@ def test_meta_build_and_strict_assign_load(name):
 
 # ---- whole model -----------------------------------------------------------------------------------
 
-# Measured on this tiny random model (2 layers, dim 64) over 20 seeds: max |delta log-prob| up to
-# about 0.06 (fp8), 0.012 (int8), 0.005 (w8); bounds with margin.
-LOGPROB_MAX_ABS = {"fp8": 0.25, "int8": 0.06, "w8": 0.03}
+# Measured on this tiny random model (2 layers, dim 64, 69 targets) over 80 seeds: mean |delta log-prob|
+# at worst 0.115 (fp8), 0.030 (int8), 0.022 (w8); the max over the 69 targets is heavy-tailed (medians
+# 0.33 / 0.084 / 0.057, worst 1.16 / 0.144 / 0.092). Bounds with margin on both.
+LOGPROB_MEAN_ABS = {"fp8": 0.2, "int8": 0.06, "w8": 0.04}
+LOGPROB_MAX_ABS = {"fp8": 3.0, "int8": 0.5, "w8": 0.3}
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -329,9 +333,9 @@ def test_tiny_transformer_logprobs_close_to_float(name):
         want = model.token_logprobs(model(tokens)[:, :-1].reshape(-1, ARGS.dim), targets)
         swap_linears(model, SCHEMES[name]())
         got = model.token_logprobs(model(tokens)[:, :-1].reshape(-1, ARGS.dim), targets)
-    diff = (got - want).abs().max().item()
-    print(f"{name}: max |delta log-prob| {diff:.4f}")
-    assert diff < LOGPROB_MAX_ABS[name]
+    diff = (got - want).abs()
+    print(f"{name}: |delta log-prob| mean {diff.mean():.4f} max {diff.max():.4f}")
+    assert diff.mean() < LOGPROB_MEAN_ABS[name] and diff.max() < LOGPROB_MAX_ABS[name]
 
 
 # ---- on a GPU (device machine: python -m pytest -m gpu tests/test_quant.py) --------------------------
@@ -351,4 +355,5 @@ def test_cuda_kernels_match_cpu(name, M):
         got = qc(x.cuda()).float().cpu()
         got32 = qc(x.float().cuda()).cpu()
     assert sqnr_db(want, got) > 40  # bf16 output rounding
-    assert sqnr_db(want, got32) > 60
+    # fp32 input: exact kernels agree to fp32 rounding; _scaled_mm's row-wise output is bf16
+    assert sqnr_db(want, got32) > (40 if name == "fp8" else 60)

@@ -221,8 +221,9 @@ def patch_pad(glob: dict) -> dict:
 
 def hooked_reference(truth: dict, args: ModelArgs, requests) -> tuple[dict, dict]:
     """Per-channel abs-max and every activation row of each point, from forward hooks on the whole
-    runtime Transformer, one plain causal forward per request (lm-eval's loop: context +
-    continuation without its last token), so no packing and no padding is involved."""
+    runtime Transformer, a plain causal forward of each request as lm-eval runs it (context +
+    continuation without its last token): no shared-context packing; the requests are right-padded
+    into one batch, and the padded positions (which no real position attends to) are dropped."""
     model = Transformer(args)
     model.load_state_dict(truth)
     rows = {f"layers.{i}.{p}": [] for i in range(args.n_layers) for p in sq.POINTS}
@@ -231,10 +232,13 @@ def hooked_reference(truth: dict, args: ModelArgs, requests) -> tuple[dict, dict
     for i, layer in enumerate(model.layers):
         for mod, p in hooked.items():
             layer.get_submodule(mod).register_forward_pre_hook(
-                lambda m, inp, key=f"layers.{i}.{p}": rows[key].append(inp[0].flatten(0, 1)))
+                lambda m, inp, key=f"layers.{i}.{p}": rows[key].append(inp[0][valid]))
+    seqs = [list(r.context + r.continuation[:-1]) for r in requests]
+    T = max(map(len, seqs))
+    tokens = torch.tensor([q + [0] * (T - len(q)) for q in seqs])
+    valid = torch.arange(T)[None, :] < torch.tensor([len(q) for q in seqs])[:, None]  # [B, T]
     with torch.no_grad():
-        for r in requests:
-            model(torch.tensor([list(r.context + r.continuation[:-1])]))
+        model(tokens)
     rows = {k: torch.cat(v) for k, v in rows.items()}
     return {k: v.abs().amax(0) for k, v in rows.items()}, rows
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -117,7 +116,10 @@ def calibration_batches(items: list[Item], tokenizer, add_bos: bool, batch_token
     """The items packed as runtime/packed.py packs them for scoring (targets are not used)."""
     segments = make_segments(build_requests(items, tokenizer, add_bos))
     row_len = choose_row_len(segments, batch_tokens)
-    batches = pack(segments, row_len, max(1, batch_tokens // row_len))
+    # No compiled graph here, so no fixed batch shape: a small set need not fill a whole batch
+    # with padding rows (the per-token layout, all that calibration sees, is the same).
+    n_rows = pack(segments, row_len, 1).tokens.shape[0]
+    batches = pack(segments, row_len, max(1, min(batch_tokens // row_len, n_rows)))
     longest = int(max(s.positions.max() for s in segments)) + 1
     if longest > max_seq_len:
         raise ValueError(f"an item needs {longest} positions, more than the model's {max_seq_len}")
