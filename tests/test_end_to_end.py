@@ -32,18 +32,21 @@ def check_against_reference(out_dir, sd, args, items, tokenize, bos):
     return samples
 
 
-@pytest.mark.parametrize("n_shards, n_heads, n_kv_heads", [(1, 4, None), (2, 4, 2), (4, 8, 4), (4, 8, None)])
-def test_meta_checkpoint_end_to_end(tmp_path, hsc, shared_data, n_shards, n_heads, n_kv_heads):
+@pytest.mark.parametrize("n_shards, n_heads, n_kv_heads, engine", [
+    (1, 4, None, "packed"), (2, 4, 2, "packed"), (4, 8, 4, "packed"), (4, 8, None, "packed"), (2, 4, 2, "reference")])
+def test_meta_checkpoint_end_to_end(tmp_path, hsc, shared_data, n_shards, n_heads, n_kv_heads, engine):
     args = ModelArgs(dim=64, n_layers=2, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=-1, multiple_of=32)
     sd = write_tiny_meta_checkpoint(tmp_path / "ckpt", args, n_shards, seed=torch.seed() % 2**31)
     art = tmp_path / "art"
     code, out, err = hsc("compile", tmp_path / "ckpt", "--target", "cpu", "--precision", "fp32", "-o", art)
     assert code == 0, err
     assert "plan:" in out and (art / "rank0.safetensors").is_file() and (art / "tokenizer.model").is_file()
-    code, out, err = hsc("run", art, "--data", shared_data, "--limit", N_ITEMS, "--output", tmp_path / "res")
+    code, out, err = hsc("run", art, "--data", shared_data, "--limit", N_ITEMS, "--output", tmp_path / "res",
+                         "--engine", engine)
     assert code == 0, err
     results = json.loads((tmp_path / "res" / "results.json").read_text())
     assert results["n"] == N_ITEMS and results["bos"] is True and results["split"] == "validation"
+    assert results["engine"] == engine
     assert set(results["timings"]) >= {"load_s", "warmup_s", "scoring_s"}
     assert "acc_norm" in out and "±" in out
 
@@ -60,9 +63,8 @@ def test_gguf_end_to_end(tmp_path, hsc, shared_data, tensor_type, tied):
     sd = write_tiny_gguf(tmp_path / "tiny.gguf", args, seed=torch.seed() % 2**31, tensor_type=tensor_type, tied=tied)
     art = tmp_path / "art"
     assert hsc("compile", tmp_path / "tiny.gguf", "--target", "cpu", "-o", art)[0] == 0
-    # Few items: the byte-level toy vocabulary makes long sequences.
-    code, out, err = hsc("run", art, "--data", shared_data, "--limit", 16, "--output", tmp_path / "res")
+    code, out, err = hsc("run", art, "--data", shared_data, "--limit", N_ITEMS, "--output", tmp_path / "res")
     assert code == 0, err
     assert json.loads((tmp_path / "res" / "results.json").read_text())["bos"] is False
     tok = Tokenizer("hf", art / "tokenizer.json", None, None)
-    check_against_reference(tmp_path / "res", sd, args, load_six_line(shared_data)[:16], tok.encode, bos=None)
+    check_against_reference(tmp_path / "res", sd, args, load_six_line(shared_data)[:N_ITEMS], tok.encode, bos=None)
