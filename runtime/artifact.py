@@ -9,7 +9,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from runtime.config import MANIFEST_NAME, PRECISION_DTYPES, Manifest
+from runtime.config import MANIFEST_NAME, QUANTIZED_PRECISIONS, Manifest
 from runtime.errors import file_error
 from runtime.model import Transformer, rope_tables
 from runtime.tokenizer import Tokenizer
@@ -54,7 +54,12 @@ def verify_artifact(artifact: Path, manifest: Manifest) -> list[str]:
         verify_file(artifact, shard.file, shard.sha256, shard.bytes)
         checked.append(shard.file)
     verify_file(artifact, manifest.tokenizer.file, manifest.tokenizer.sha256)
-    return checked + [manifest.tokenizer.file]
+    checked.append(manifest.tokenizer.file)
+    calib = manifest.calibration
+    if calib and calib.get("file") and calib.get("sha256"):  # quantized artifacts: the abs-max statistics
+        verify_file(artifact, calib["file"], calib["sha256"], calib.get("bytes"))
+        checked.append(calib["file"])
+    return checked
 
 
 def manifest_sha256(artifact: Path) -> str:
@@ -79,15 +84,46 @@ def load_rank_weights(artifact: Path, manifest: Manifest, tp_rank: int, device: 
         raise file_error(Path(artifact) / shard.file, f"unreadable safetensors ({e})") from None
 
 
+# QuantLinear buffers: stored in the scheme's dtypes (fp8 qdata is a float dtype too), never cast.
+_QUANT_BUFFERS = (".qdata", ".scale", ".act_pre_scale")
+
+
+def _scheme(artifact: Path, manifest: Manifest):
+    """The manifest's quantization scheme, or None for a float artifact."""
+    path = Path(artifact) / MANIFEST_NAME
+    if manifest.quantization is None:
+        if manifest.precision in QUANTIZED_PRECISIONS:
+            raise file_error(path, f"precision {manifest.precision} but no quantization scheme (malformed manifest)")
+        return None
+    from runtime.quant import scheme_from_dict
+
+    try:
+        return scheme_from_dict(manifest.quantization)
+    except ValueError as e:
+        raise file_error(path, str(e)) from None
+
+
 def build_model(artifact: Path, manifest: Manifest, device: str | torch.device, tp_rank: int = 0,
                 tp_group=None, compute_dtype: torch.dtype | None = None) -> Transformer:
-    """Empty modules on the meta device, then the rank's tensors assigned in place (strict)."""
-    dtype = compute_dtype or getattr(torch, PRECISION_DTYPES[manifest.precision])
+    """Empty modules on the meta device, then the rank's tensors assigned in place (strict).
+
+    A quantized artifact (manifest.quantization) gets its block linears swapped to QuantLinear on the
+    meta device first; only float tensors are cast to the compute dtype, never a QuantLinear's buffers."""
+    scheme = _scheme(artifact, manifest)
+    dtype = compute_dtype or getattr(torch, manifest.float_dtype)
     weights = load_rank_weights(artifact, manifest, tp_rank, device)
     with torch.device("meta"):
         model = Transformer(manifest.model, tp=manifest.mapping.tp, tp_group=tp_group)
+        if scheme is not None:
+            from runtime.quant import swap_linears
+
+            try:
+                swap_linears(model, scheme)
+            except ValueError as e:  # a rank's slice does not suit the scheme's kernel
+                raise file_error(Path(artifact) / MANIFEST_NAME, str(e)) from None
     try:
-        model.load_state_dict({k: v.to(dtype) for k, v in weights.items()}, strict=True, assign=True)
+        model.load_state_dict({k: v if k.endswith(_QUANT_BUFFERS) else v.to(dtype) for k, v in weights.items()},
+                              strict=True, assign=True)
     except RuntimeError as e:
         shard = manifest.shards[tp_rank].file
         raise file_error(Path(artifact) / shard, f"does not match the model ({str(e).splitlines()[0]})") from None

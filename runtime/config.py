@@ -20,6 +20,9 @@ MANIFEST_NAME = "manifest.json"
 # Precision names as they appear in manifests and on the command line, with the torch dtype name
 # the weights are stored in.
 PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+# Quantized precisions (runtime/quant.py schemes): the block linears are stored quantized, everything
+# else (embeddings, norms, LM head) in the manifest's `compute_dtype`.
+QUANTIZED_PRECISIONS = ("fp8", "int8", "w8")
 
 
 @dataclass(frozen=True)
@@ -160,6 +163,23 @@ class Manifest:
     # imports toolchain): gpu, compute_capability [major, minor], n_gpus, mem_per_gpu_gib.
     # Optional within format version 1: older manifests lack it (None).
     target_info: dict | None = None
+    # Quantized artifacts only (precision fp8/int8/w8); all optional within format version 1, None for
+    # float artifacts and for manifests written before they existed.
+    compute_dtype: str | None = None  # torch dtype name of the float tensors and the compute: "bfloat16"...
+    quantization: dict | None = None  # runtime.quant.scheme_asdict of the scheme
+    # Where the calibration items came from: file, sha256 (of calibration.safetensors, the abs-max
+    # statistics), source, split, item_ids, seed, n_items, n_tokens.
+    calibration: dict | None = None
+    # SmoothQuant: {"alpha": "auto" or the forced value, "per_layer": [alpha or None per layer]};
+    # None when compiled with --no-smooth.
+    smoothing: dict | None = None
+    # Per quantized linear: output error vs the float (smoothed) linear on the calibration samples.
+    quant_report: dict | None = None
+
+    @property
+    def float_dtype(self) -> str:
+        """torch dtype name of the float tensors (all tensors, for a float artifact)."""
+        return self.compute_dtype or PRECISION_DTYPES[self.precision]
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
@@ -190,6 +210,11 @@ class Manifest:
                 tokenizer=TokenizerInfo(**raw["tokenizer"]),
                 provenance=Provenance(**raw["provenance"]),
                 target_info=_target_info(raw.get("target_info")),
+                compute_dtype=raw.get("compute_dtype"),
+                quantization=_optional_object("quantization", raw.get("quantization")),
+                calibration=_optional_object("calibration", raw.get("calibration")),
+                smoothing=_optional_object("smoothing", raw.get("smoothing")),
+                quant_report=_optional_object("quant_report", raw.get("quant_report")),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise file_error(path, f"malformed manifest ({type(e).__name__}: {e})") from None
@@ -198,6 +223,12 @@ class Manifest:
 def _target_info(raw) -> dict | None:
     if raw is not None and not isinstance(raw, dict):
         raise TypeError(f"target_info must be an object, got {type(raw).__name__}")
+    return raw
+
+
+def _optional_object(name: str, raw) -> dict | None:
+    if raw is not None and not isinstance(raw, dict):
+        raise TypeError(f"{name} must be an object, got {type(raw).__name__}")
     return raw
 
 
@@ -256,6 +287,7 @@ __all__ = [
     "FORMAT_VERSION",
     "MANIFEST_NAME",
     "PRECISION_DTYPES",
+    "QUANTIZED_PRECISIONS",
     "HscError",
     "ModelArgs",
     "Mapping",

@@ -31,6 +31,7 @@ class RunConfig:
     engine: str = "packed"  # "packed": shared context, fixed shapes; "reference": one forward per ending
     compile: bool | None = None  # torch.compile (+ CUDA graphs on GPUs); None: on CUDA only
     row_len: int | None = None  # packed rows; None: the longest item rounded up to 64
+    exclude_calibration: bool = False  # leave out the items a quantized artifact was calibrated on
 
 
 class ReferenceEngine:
@@ -97,6 +98,14 @@ def run(cfg: RunConfig, command: str, echo=print) -> dict:
         if cfg.limit < 1:
             raise HscError(f"--limit {cfg.limit}: must be at least 1")
         items = items[: cfg.limit]
+    # Quantized artifacts were calibrated on HellaSwag items (ids in the manifest): count how many of
+    # the scored items were among them, or leave them out.
+    calib_ids = set(manifest.calibration.get("item_ids", [])) if manifest.calibration else None
+    calibration_overlap = None if calib_ids is None else sum(it.index in calib_ids for it in items)
+    if cfg.exclude_calibration and calib_ids:
+        items = [it for it in items if it.index not in calib_ids]
+        if not items:
+            raise HscError(f"{cfg.artifact}: every selected item was a calibration item; nothing left to score")
     # Data parallel: this replica scores every dp-th item (an item's 4 requests stay together); the
     # ranks of a tensor-parallel group hold the same items and run identical batches.
     all_items, mine = items, distributed.replica_items(d, len(items))
@@ -154,6 +163,8 @@ def run(cfg: RunConfig, command: str, echo=print) -> dict:
         "bos_policy": "tokenizer default" if cfg.bos is None else "command line",
         "data": data_source,
         "limit": cfg.limit,
+        "calibration_overlap": calibration_overlap,  # scored-or-excluded items the artifact was calibrated on
+        "calibration_excluded": bool(cfg.exclude_calibration and calibration_overlap),
         "join_mismatch_requests": sum(r.join_mismatch for r in requests),
         "tokens_forwarded": n_tokens,
         "engine": cfg.engine,

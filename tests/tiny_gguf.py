@@ -7,7 +7,6 @@ reader can be compared exactly.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import gguf
 import numpy as np

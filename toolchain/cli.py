@@ -33,19 +33,49 @@ def cli():
 @cli.command("compile")
 @click.argument("source")
 @click.option("--target", required=True, help=f"one of: {', '.join(TARGETS)}")
-@click.option("--precision", default="auto", show_default=True, help="auto, fp32, bf16 or fp16")
+@click.option("--precision", default="auto", show_default=True,
+              help="auto (float: bf16/fp16/fp32 per target), fp32, bf16, fp16, or quantized: fp8 (sm_89+), "
+                   "int8 (sm_80+), w8 (int8 weights, any GPU and cpu)")
 @click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path),
               help="artifact directory [default: artifacts/<model>-<target>-<precision>]")
 @click.option("--tokenizer", "tokenizer_path", type=click.Path(path_type=Path),
               help="tokenizer.model for a Meta checkpoint that lacks one beside it")
 @click.option("--tp", type=int, default=None, help="force a tensor-parallel degree (default: planned)")
 @click.option("--force", is_flag=True, help="replace an existing artifact directory")
-def compile_cmd(source, target, precision, out_dir, tokenizer_path, tp, force):
+@click.option("--calib-data", default=None,
+              help="quantized precisions: HellaSwag items to calibrate on, as hsc run --data [default: as hsc run]")
+@click.option("--calib-items", type=int, default=None, help="quantized: calibration items [default: 512]")
+@click.option("--calib-seed", type=int, default=None, help="quantized: seed of the item draw [default: 0]")
+@click.option("--alpha", default=None,
+              help="quantized: SmoothQuant migration strength, auto (searched per layer) or 0..1 [default: auto]")
+@click.option("--no-smooth", is_flag=True, help="quantized: no SmoothQuant scaling")
+def compile_cmd(source, target, precision, out_dir, tokenizer_path, tp, force, calib_data, calib_items,
+                calib_seed, alpha, no_smooth):
     """Compile SOURCE (a Meta checkpoint directory, a .gguf file, or `smollm2`) for TARGET."""
-    from toolchain.compile import compile_checkpoint
+    from toolchain.compile import QuantOptions, compile_checkpoint
 
+    quant = None
+    if any(v is not None for v in (calib_data, calib_items, calib_seed, alpha)) or no_smooth or \
+            precision in ("fp8", "int8", "w8"):
+        if calib_items is not None and calib_items < 1:
+            raise HscError(f"--calib-items {calib_items}: must be at least 1")
+        if alpha is not None and alpha != "auto":
+            try:
+                alpha_v = float(alpha)
+            except ValueError:
+                alpha_v = -1.0
+            if not 0.0 <= alpha_v <= 1.0:
+                raise HscError(f"--alpha {alpha}: choose auto or a number in [0, 1]")
+            alpha = alpha_v
+        if no_smooth and alpha is not None:
+            raise HscError("--alpha and --no-smooth exclude each other")
+        d = QuantOptions()
+        quant = QuantOptions(calib_data=calib_data, calib_items=d.calib_items if calib_items is None else calib_items,
+                             calib_seed=d.calib_seed if calib_seed is None else calib_seed,
+                             alpha=d.alpha if alpha is None else alpha, smooth=not no_smooth)
     manifest, path = compile_checkpoint(source, target, precision, out_dir, _command_line(),
-                                        tokenizer_path=tokenizer_path, tp=tp, force=force, log=click.echo)
+                                        tokenizer_path=tokenizer_path, tp=tp, force=force, log=click.echo,
+                                        quant=quant)
     total = sum(s.bytes for s in manifest.shards)
     click.echo(f"wrote {path} ({len(manifest.shards)} shard(s), {total / 1e9:.2f} GB)")
 
@@ -70,7 +100,10 @@ def compile_cmd(source, target, precision, out_dir, tokenizer_path, tp, force):
               help="packed row length [default: longest item, rounded up to 64]")
 @click.option("--nproc", type=int, default=None,
               help="run as N processes on this machine under torchrun (N = the plan's TP x DP; docs/distributed.md)")
-def run_cmd(artifact, data, limit, output, bos, device, batch_tokens, engine, compile_, row_len, nproc):
+@click.option("--exclude-calibration", is_flag=True,
+              help="quantized artifacts: leave out the items the compiler calibrated on (ids from the manifest)")
+def run_cmd(artifact, data, limit, output, bos, device, batch_tokens, engine, compile_, row_len, nproc,
+            exclude_calibration):
     """Score HellaSwag with a compiled ARTIFACT; print acc and acc_norm with standard errors."""
     from runtime.run import run
 
@@ -84,7 +117,8 @@ def run_cmd(artifact, data, limit, output, bos, device, batch_tokens, engine, co
                                "the failing rank's error is above")
             return
 
-    run(RunConfig(artifact, data, limit, output, bos, device, batch_tokens, engine, compile_, row_len),
+    run(RunConfig(artifact, data, limit, output, bos, device, batch_tokens, engine, compile_, row_len,
+                  exclude_calibration),
         _command_line(), echo=click.echo)
 
 
@@ -154,6 +188,30 @@ def inspect_cmd(artifact, verify, as_json):
         click.echo(f"shard      {s.file}: tp rank {s.tp_rank}, {s.bytes / 1e6:,.1f} MB, {counts}, sha256 {s.sha256[:16]}")
     t = m.tokenizer
     click.echo(f"tokenizer  {t.file} ({t.kind}), bos {t.bos_id} eos {t.eos_id}, add_bos {t.add_bos}")
+    if m.quantization is not None:
+        q = m.quantization
+        click.echo(f"quantized  {q.get('name')} (scheme v{q.get('version')}), block linears; "
+                   f"embeddings/norms/LM head and compute in {m.compute_dtype}")
+    if m.calibration is not None:
+        c = m.calibration
+        click.echo(f"calibrated {c.get('n_items')} items of {c.get('source')} ({c.get('split')}, seed {c.get('seed')}, "
+                   f"{c.get('n_tokens')} tokens); statistics in {c.get('file')}")
+    if m.quantization is not None:
+        sm = m.smoothing
+        if sm is None:
+            click.echo("smoothing  none (--no-smooth)")
+        else:
+            per = ", ".join("none" if a is None else f"{a:g}" for a in sm.get("per_layer", []))
+            click.echo(f"smoothing  alpha {sm.get('alpha')}: per layer [{per}]")
+    if m.quant_report and m.quant_report.get("per_linear"):
+        per_layer: dict = {}
+        for name, r in m.quant_report["per_linear"].items():
+            per_layer.setdefault(int(name.split(".")[1]), []).append((name.split(".", 2)[2], r))
+        for i, rows in sorted(per_layer.items()):
+            cells = "  ".join(f"{n.split('.')[-1]} {r['sqnr_db'] if r['sqnr_db'] is not None else 'inf'} dB"
+                              for n, r in rows)
+            worst = max(r["rel_error"] for _, r in rows)
+            click.echo(f"quant err  layer {i}: SQNR {cells}; max rel error {worst:.4f}")
     p = m.provenance
     click.echo(f"source     {p.source_format} {p.source_path} (sha256 {p.source_sha256[:16]})")
     click.echo(f"built      {p.created_utc} by hsc {p.toolchain_version}: {p.command}")

@@ -14,14 +14,17 @@ from pathlib import Path
 
 import torch
 
-from runtime.config import (FORMAT_VERSION, MANIFEST_NAME, PRECISION_DTYPES, LAYER_TENSORS, Manifest,
-                            Provenance, ShardFile, TokenizerInfo, global_shapes, layer_shapes)
+from runtime.config import (FORMAT_VERSION, MANIFEST_NAME, PRECISION_DTYPES, QUANTIZED_PRECISIONS, LAYER_TENSORS,
+                            Manifest, Provenance, ShardFile, TokenizerInfo, global_shapes, layer_shapes)
 from runtime.errors import HscError, file_error
+from runtime.quant import SCHEMES
 from toolchain import __version__
 from toolchain.hashing import combined_sha256
 from toolchain.safetensors_writer import StreamingSafetensorsWriter
 from toolchain.shard import shard_shape, shard_tensor
-from toolchain.source import ModelSource
+from toolchain.quantize import (CALIBRATION_FILE, QuantOptions, calibrate_source, check_quant_shapes,
+                                quant_layout, quant_manifest_fields, quantized_stream)
+from toolchain.source import ModelSource, check_shape
 from toolchain.targets import Plan, get_target, make_plan
 
 TOKENIZER_FILES = {"sentencepiece": "tokenizer.model", "hf": "tokenizer.json"}
@@ -68,9 +71,9 @@ def _all_shapes(src: ModelSource) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _check_shape(src: ModelSource, name: str, tensor: torch.Tensor, want: tuple[int, ...]) -> None:
-    if tuple(tensor.shape) != want:
-        raise file_error(src.path, f"tensor {name} has shape {tuple(tensor.shape)}, expected {want}")
+def _checked(src: ModelSource, name: str, tensor: torch.Tensor, want: tuple[int, ...]) -> torch.Tensor:
+    check_shape(src, name, tensor, want)
+    return tensor
 
 
 def _tensor_stream(src: ModelSource, shapes: dict[str, tuple[int, ...]]):
@@ -86,10 +89,16 @@ def _tensor_stream(src: ModelSource, shapes: dict[str, tuple[int, ...]]):
     yield "output.weight", glob["output.weight"]
 
 
-def write_artifact(src: ModelSource, plan: Plan, target: str, out_dir: Path, command: str) -> Manifest:
-    dtype = getattr(torch, PRECISION_DTYPES[plan.precision])
+def write_artifact(src: ModelSource, plan: Plan, target: str, out_dir: Path, command: str,
+                   quant: QuantOptions | None = None, log=print) -> Manifest:
+    quantized = plan.precision in QUANTIZED_PRECISIONS
+    dtype = getattr(torch, PRECISION_DTYPES[plan.compute if quantized else plan.precision])
     tp = plan.mapping.tp
     shapes = _all_shapes(src)
+    scheme = None
+    if quantized:
+        scheme, quant = SCHEMES[plan.precision](), quant or QuantOptions()
+        check_quant_shapes(src, scheme, tp)
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
@@ -97,21 +106,35 @@ def write_artifact(src: ModelSource, plan: Plan, target: str, out_dir: Path, com
         raise file_error(out_dir.parent, f"cannot create the artifact directory here ({e.strerror or e})") from None
     writers: list[StreamingSafetensorsWriter] = []
     try:
+        tok = src.tokenizer
+        tok_file = TOKENIZER_FILES[tok.kind]
+        (tmp / tok_file).write_bytes(tok.data)
+        q_fields = {}
+        alphas: list = []
+        report: dict = {}
+        if quantized:
+            # Pass 1: calibration (one layer at a time); its abs-max statistics go into the artifact.
+            stats, calib_source = calibrate_source(src, tmp, tok, tok_file, quant, log)
+            stats.save(tmp / CALIBRATION_FILE, with_samples=False)
+            layout = quant_layout(shapes, tp, dtype, scheme)
+            stream = quantized_stream(src, shapes, dtype, scheme, stats, quant, alphas, report, log)
+        else:
+            layout = _layout(shapes, tp, dtype)
+            stream = ((name, _checked(src, name, t, shapes[name]).to(dtype)) for name, t in _tensor_stream(src, shapes))
+
         meta = {"format": "pt", "hsc_format_version": str(FORMAT_VERSION)}
-        writers = [StreamingSafetensorsWriter(tmp / f"rank{r}.safetensors", _layout(shapes, tp, dtype),
+        writers = [StreamingSafetensorsWriter(tmp / f"rank{r}.safetensors", layout,
                                               {**meta, "tp_rank": str(r), "tp": str(tp)})
                    for r in range(tp)]
-        for name, tensor in _tensor_stream(src, shapes):
-            _check_shape(src, name, tensor, shapes[name])
-            tensor = tensor.to(dtype)
+        for name, tensor in stream:  # pass 2 (quantized): smooth, quantize, write
             for r, w in enumerate(writers):
                 w.write(name, shard_tensor(name, tensor, tp, r))
         shards = tuple(ShardFile(file=w.path.name, tp_rank=r, sha256=w.close(), bytes=w.bytes,
                                  params_by_dtype=w.params_by_dtype) for r, w in enumerate(writers))
 
-        tok = src.tokenizer
-        tok_file = TOKENIZER_FILES[tok.kind]
-        (tmp / tok_file).write_bytes(tok.data)
+        if quantized:
+            q_fields = quant_manifest_fields(plan, scheme, stats, calib_source, quant, alphas, report,
+                                             tmp / CALIBRATION_FILE, tok.add_bos)
         manifest = Manifest(
             format_version=FORMAT_VERSION,
             model_name=src.model_name,
@@ -132,6 +155,7 @@ def write_artifact(src: ModelSource, plan: Plan, target: str, out_dir: Path, com
                 created_utc=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             ),
             target_info=_target_info(get_target(target)),
+            **q_fields,
         )
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())
         tmp.chmod(0o755)  # mkdtemp makes it private; an artifact is meant to be shared
@@ -148,7 +172,7 @@ def write_artifact(src: ModelSource, plan: Plan, target: str, out_dir: Path, com
 
 def compile_checkpoint(source: str | Path, target_name: str, precision: str, out_dir: Path | None,
                        command: str, tokenizer_path: Path | None = None, tp: int | None = None,
-                       force: bool = False, log=print) -> tuple[Manifest, Path]:
+                       force: bool = False, log=print, quant: QuantOptions | None = None) -> tuple[Manifest, Path]:
     target = get_target(target_name)
     with open_source(source, tokenizer_path) as src:
         plan = make_plan(src.args, target, precision, tp=tp)
@@ -159,7 +183,10 @@ def compile_checkpoint(source: str | Path, target_name: str, precision: str, out
         if out_dir.exists() and not force:
             raise file_error(out_dir, "already exists (use --force to replace it)")
         log(f"plan: {plan.explanation}")
-        return write_artifact(src, plan, target.name, out_dir, command), out_dir
+        if quant is not None and plan.precision not in QUANTIZED_PRECISIONS:
+            raise HscError(f"--calib-data/--calib-items/--calib-seed/--alpha/--no-smooth apply to the quantized "
+                           f"precisions ({', '.join(QUANTIZED_PRECISIONS)}), not {plan.precision}")
+        return write_artifact(src, plan, target.name, out_dir, command, quant=quant, log=log), out_dir
 
 
 def _target_info(t) -> dict:

@@ -16,14 +16,30 @@ COLUMN_PARALLEL = ("attention.wq", "attention.wk", "attention.wv", "feed_forward
 ROW_PARALLEL = ("attention.wo", "feed_forward.w2")
 
 
+# Tensors of a quantized linear (runtime/quant.py: QuantLinear) besides `.weight`.
+_LINEAR_SUFFIXES = (".weight", ".qdata", ".scale", ".act_pre_scale")
+
+
 def split_dim(name: str) -> int | None:
-    """0 for column-parallel weights, 1 for row-parallel ones, None for replicated tensors."""
-    stem = name.removesuffix(".weight").split(".", 2)[-1] if name.startswith("layers.") else name
-    if stem in COLUMN_PARALLEL:
-        return 0
-    if stem in ROW_PARALLEL:
-        return 1
-    return None
+    """0 for column-parallel weights, 1 for row-parallel ones, None for replicated tensors.
+
+    Quantized linears: `.qdata` [out, in] splits as the weight; `.scale` [out] (one per output row)
+    splits with the rows of a column-parallel layer and is replicated for a row-parallel one;
+    `.act_pre_scale` [in] is replicated for a column-parallel layer and split for a row-parallel one."""
+    if not name.startswith("layers."):
+        return None
+    suffix = next((x for x in _LINEAR_SUFFIXES if name.endswith(x)), None)
+    if suffix is None:
+        return None
+    stem = name.removesuffix(suffix).split(".", 2)[-1]
+    column, row = stem in COLUMN_PARALLEL, stem in ROW_PARALLEL
+    if not (column or row):
+        return None
+    if suffix in (".weight", ".qdata"):
+        return 0 if column else 1
+    if suffix == ".scale":
+        return 0 if column else None
+    return None if column else 0  # act_pre_scale
 
 
 def shard_shape(name: str, shape: tuple[int, ...], tp: int) -> tuple[int, ...]:

@@ -217,6 +217,13 @@ def fake_quant_int8(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return xq @ wq.T
 
 
+def fake_quant_w8(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Weight-only int8 (per output channel), activations left in float: the w8 scheme's error."""
+    w = w.float()
+    sw = _absmax_scale(w, 1, 127.0)
+    return x.float() @ ((w / sw).round().clamp(-127, 127) * sw).T
+
+
 def fake_quant_e4m3(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """As fake_quant_int8 with float8 e4m3 (max 448) instead of int8."""
     w, x = w.float(), x.float()

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from runtime.config import ModelArgs
+from runtime.errors import file_error
 
 
 @dataclass(frozen=True)
@@ -53,3 +54,9 @@ class ModelSource(ABC):
 
     def __exit__(self, *exc):
         self.close()
+
+
+def check_shape(src: ModelSource, name: str, tensor: torch.Tensor, want: tuple[int, ...]) -> None:
+    """Strict ingest: every tensor a reader hands over must have the shape params say it has."""
+    if tuple(tensor.shape) != want:
+        raise file_error(src.path, f"tensor {name} has shape {tuple(tensor.shape)}, expected {want}")

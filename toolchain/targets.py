@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from runtime.config import Mapping, ModelArgs, PRECISION_DTYPES
+from runtime.config import Mapping, ModelArgs, PRECISION_DTYPES, QUANTIZED_PRECISIONS
 from runtime.errors import HscError
 
 GIB = 1 << 30
@@ -59,22 +59,58 @@ class Plan:
     precision: str
     mapping: Mapping
     explanation: str
+    # Quantized precisions: the float precision of everything that is not a quantized block linear
+    # (embeddings, norms, LM head) and of the compute. None for float precisions (= precision).
+    compute: str | None = None
 
 
 def _bytes_per_param(precision: str) -> int:
     return {"fp32": 4, "bf16": 2, "fp16": 2}[precision]
 
 
+def _cc(target: Target) -> str:
+    return ".".join(map(str, target.compute_capability))
+
+
+def compute_precision(target: Target, precision: str) -> str:
+    """The float precision a quantized artifact computes in: bf16 where the target has it, else fp16;
+    fp32 on the CPU (the schemes' emulation). Float precisions compute in themselves."""
+    if precision not in QUANTIZED_PRECISIONS:
+        return precision
+    if not target.is_gpu:
+        return "fp32"
+    return "bf16" if "bf16" in target.tensor_core_dtypes else "fp16"
+
+
+def weight_bytes(args: ModelArgs, precision: str, compute: str | None = None) -> int:
+    """Bytes of the stored weights. Quantized: 1 byte a block-linear parameter plus its fp32 row
+    scales; embeddings, norms and the LM head in the compute precision."""
+    if precision not in QUANTIZED_PRECISIONS:
+        return args.n_params() * _bytes_per_param(precision)
+    d, kv, f = args.dim, args.kv_heads * args.head_dim, args.ffn_dim
+    linear = args.n_layers * (d * d * 2 + 2 * d * kv + 3 * d * f)
+    rows = args.n_layers * (d + 2 * kv + d + 2 * f + d)  # one fp32 scale per output row
+    return linear + 4 * rows + (args.n_params() - linear) * _bytes_per_param(compute or "fp32")
+
+
 def choose_precision(target: Target, requested: str) -> str:
-    if requested not in ("auto", *PRECISION_DTYPES):
-        raise HscError(f"unknown precision {requested!r}; choose auto, {', '.join(PRECISION_DTYPES)}")
+    known = ("auto", *PRECISION_DTYPES, *QUANTIZED_PRECISIONS)
+    if requested not in known:
+        raise HscError(f"unknown precision {requested!r}; choose {', '.join(known)}")
     if requested == "auto":
+        # Float only: quantized artifacts need calibration and an accuracy check, so they are opt-in
+        # (--precision fp8|int8|w8) until measured on GPUs.
         if not target.is_gpu:
             return "fp32"
         return "bf16" if "bf16" in target.tensor_core_dtypes else "fp16"
+    if target.is_gpu and requested in ("fp8", "int8") and requested not in target.tensor_core_dtypes:
+        float_alt = "bf16" if "bf16" in target.tensor_core_dtypes else "fp16"
+        alts = [p for p in ("int8", "w8") if p != requested and (p == "w8" or p in target.tensor_core_dtypes)]
+        raise HscError(f"target {target.name}: {target.gpu} (compute capability {_cc(target)}) has no "
+                       f"{requested} tensor cores ({'sm_89+' if requested == 'fp8' else 'sm_80+'}); "
+                       f"use --precision {' or '.join(alts + [float_alt])}")
     if target.is_gpu and requested == "bf16" and "bf16" not in target.tensor_core_dtypes:
-        cc = ".".join(map(str, target.compute_capability))
-        raise HscError(f"target {target.name}: {target.gpu} (compute capability {cc}) has no bf16; "
+        raise HscError(f"target {target.name}: {target.gpu} (compute capability {_cc(target)}) has no bf16; "
                        "use --precision fp16")
     return requested
 
@@ -89,12 +125,14 @@ def make_plan(args: ModelArgs, target: Target, requested_precision: str = "auto"
     """Smallest tensor-parallel degree whose weight slice fits a GPU; the rest of the GPUs become
     data-parallel replicas. `tp` forces a degree (it must divide the model and the GPU count)."""
     precision = choose_precision(target, requested_precision)
-    weight_bytes = args.n_params() * _bytes_per_param(precision)
-    size = f"{args.n_params() / 1e9:.2f}B params, {precision} = {weight_bytes / GB:.1f} GB"
+    compute = compute_precision(target, precision) if precision in QUANTIZED_PRECISIONS else None
+    total_bytes = weight_bytes(args, precision, compute)
+    what = f"{precision} ({compute} compute, embeddings/norms/head)" if compute else precision
+    size = f"{args.n_params() / 1e9:.2f}B params, {what} = {total_bytes / GB:.1f} GB"
     if not target.is_gpu:
         if tp not in (None, 1):
             raise HscError(f"target cpu runs one process per replica; --tp {tp} needs a GPU target")
-        return Plan(precision, Mapping(1, 1), f"{size}; cpu: one process, TP=1, DP=1")
+        return Plan(precision, Mapping(1, 1), f"{size}; cpu: one process, TP=1, DP=1", compute)
 
     budget = target.mem_per_gpu_gib * GIB * WEIGHT_MEMORY_FRACTION
     candidates = [tp] if tp else [t for t in range(1, target.n_gpus + 1) if target.n_gpus % t == 0]
@@ -106,18 +144,18 @@ def make_plan(args: ModelArgs, target: Target, requested_precision: str = "auto"
                 raise HscError(f"--tp {t} cannot split the model: {args.n_heads} heads, "
                                f"{args.kv_heads} kv heads, ffn {args.ffn_dim} must all divide by {t}")
             continue
-        per_gpu = weight_bytes / t
+        per_gpu = total_bytes / t
         if per_gpu > budget:
             if tp:
                 raise HscError(f"--tp {t}: {per_gpu / GB:.1f} GB of weights per GPU exceed "
                                f"{budget / GB:.1f} GB ({WEIGHT_MEMORY_FRACTION:.0%} of {target.gpu})")
             continue
         dp = target.n_gpus // t
-        why = "" if precision != "fp16" or "bf16" in target.tensor_core_dtypes else \
+        why = "" if (compute or precision) != "fp16" or "bf16" in target.tensor_core_dtypes else \
             f" (fp16: sm_{''.join(map(str, target.compute_capability))} has no bf16)"
         return Plan(precision, Mapping(t, dp),
                     f"{size}{why}; {target.gpu} x{target.n_gpus}: TP={t} "
-                    f"({per_gpu / GB:.1f} GB/GPU of {budget / GB:.0f} GB for weights), DP={dp}")
+                    f"({per_gpu / GB:.1f} GB/GPU of {budget / GB:.0f} GB for weights), DP={dp}", compute)
     valid = [t for t in range(1, target.n_gpus + 1) if target.n_gpus % t == 0 and tp_divides(args, t)]
     raise HscError(f"target {target.name}: {size} does not fit: tensor-parallel degrees that divide "
                    f"{args.n_heads} heads/{args.kv_heads} kv heads and {target.n_gpus} GPUs are "

@@ -1,0 +1,176 @@
+"""The quantized precisions (fp8, int8, w8) of `hsc compile`: calibrate, smooth, quantize.
+
+Two passes over the checkpoint, each one layer at a time: calibration (toolchain/calibrate.py)
+records the abs-max of every linear's input on HellaSwag items; then each layer is smoothed
+(SmoothQuant factors folded into the float weights, toolchain/smoothquant.py), its seven block
+linears quantized per output channel (runtime/quant.py) and streamed to the artifact writer,
+with a per-linear error report on the calibration sample rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from runtime.config import LAYER_TENSORS, layer_shapes
+from runtime.errors import HscError
+from runtime.hellaswag import load_items
+from runtime.config import PRECISION_DTYPES
+from runtime.quant import QuantLinear, quantize_weight, scheme_asdict
+from runtime.tokenizer import Tokenizer
+from toolchain.calibrate import calibrate
+from toolchain.shard import shard_shape
+from toolchain.smoothquant import (DEFAULT_ALPHAS, POINT_LINEARS, POINTS, choose_alpha, fake_quant_e4m3,
+                                   fake_quant_int8, fake_quant_w8, smooth_layer)
+from toolchain.source import ModelSource, check_shape
+
+# The seven block linears (Meta names, relative to `layers.{i}.`); quantized precisions store each as
+# `<linear>.qdata` + `<linear>.scale` instead of `<linear>.weight`.
+LINEAR_TENSORS = tuple(n for n in LAYER_TENSORS if not n.endswith("norm.weight"))
+CALIBRATION_FILE = "calibration.safetensors"
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    """How a quantized precision (fp8/int8/w8) is calibrated and smoothed (`hsc compile --calib-*`)."""
+
+    calib_data: str | None = None  # as `hsc run --data`: None = the shared validation file, else datasets
+    calib_items: int = 512
+    calib_seed: int = 0
+    alpha: float | str = "auto"  # "auto": toolchain.smoothquant.choose_alpha per layer
+    smooth: bool = True
+    sample_rows: int = 512  # activation rows kept per point and layer, for the alpha search and the report
+    batch_tokens: int = 8192
+
+
+def quant_layout(shapes: dict[str, tuple[int, ...]], tp: int, dtype: torch.dtype, scheme):
+    """As _layout, with each block linear's `.weight` replaced by `.qdata` (scheme dtype) and `.scale` (fp32)."""
+    out = []
+    for name, shape in shapes.items():
+        if name.startswith("layers.") and name.split(".", 2)[2] in LINEAR_TENSORS:
+            stem = name.removesuffix(".weight")
+            out.append((f"{stem}.qdata", shard_shape(f"{stem}.qdata", shape, tp), scheme.weight_dtype))
+            out.append((f"{stem}.scale", shard_shape(f"{stem}.scale", shape[:1], tp), torch.float32))
+        else:
+            out.append((name, shard_shape(name, shape, tp), dtype))
+    return out
+
+
+def check_quant_shapes(src: ModelSource, scheme, tp: int) -> None:
+    """Every rank's slice of every block linear must suit the scheme's kernel."""
+    for n, shape in layer_shapes(src.args).items():
+        if n in LINEAR_TENSORS:
+            out_f, in_f = shard_shape(f"layers.0.{n}", shape, tp)
+            try:
+                scheme.check_shape(in_f, out_f)
+            except ValueError as e:
+                raise HscError(f"{src.path}: cannot compile to {scheme.name} at TP={tp}: {n} is "
+                               f"[{out_f}, {in_f}] per rank; {e}") from None
+
+
+def _fake_quant_for(scheme_name: str):
+    return {"fp8": fake_quant_e4m3, "int8": fake_quant_int8, "w8": fake_quant_w8}[scheme_name]
+
+
+@torch.no_grad()
+def _linear_report(x: torch.Tensor, s: torch.Tensor | None, w: torch.Tensor, qdata: torch.Tensor,
+                   scale: torch.Tensor, scheme) -> dict:
+    """Output error of a quantized linear vs the float (smoothed) one on calibration rows x [n, in]."""
+    xs = x.double() / s.double() if s is not None else x.double()
+    ref = xs @ w.double().T
+    mod = QuantLinear(w.shape[1], w.shape[0], scheme)
+    mod.qdata, mod.scale = qdata, scale
+    err = (mod(xs.float()).double() - ref).pow(2).sum()
+    power = ref.pow(2).sum()
+    rel = math.sqrt(float(err / power.clamp(min=1e-300)))
+    sqnr = 10 * math.log10(float(power / err)) if err > 0 else math.inf
+    return {"rel_error": round(rel, 6), "sqnr_db": round(sqnr, 2) if math.isfinite(sqnr) else None}
+
+
+def quantized_stream(src: ModelSource, shapes, dtype, scheme, stats, opts: QuantOptions,
+                      alphas: list, report: dict, log):
+    """(name, tensor) in quant_layout order, one layer in memory at a time: the layer is smoothed in
+    fp32 (factors from the calibration maxima), its linears quantized, everything else cast to `dtype`."""
+    args = src.args
+    reads = {n: p for p, names in POINT_LINEARS.items() for n in names}  # linear -> the point it reads
+    glob = src.global_tensors()
+    for name in ("tok_embeddings.weight",):
+        check_shape(src, name, glob[name], shapes[name])
+        yield name, glob[name].to(dtype)
+    for i in range(args.n_layers):
+        raw = src.layer_tensors(i)
+        for n in LAYER_TENSORS:
+            check_shape(src, f"layers.{i}.{n}", raw[n], shapes[f"layers.{i}.{n}"])
+        layer = {n: raw[n].float() for n in LAYER_TENSORS}
+        del raw
+        lstats = stats.layer(i)
+        factors = {}
+        if opts.smooth:
+            if opts.alpha == "auto":
+                alpha = choose_alpha(layer, lstats, args, candidates=(None, *DEFAULT_ALPHAS),
+                                     fake_quant=_fake_quant_for(scheme.name)).alpha
+            else:
+                alpha = float(opts.alpha)
+            if alpha is not None:
+                layer, factors = smooth_layer(layer, lstats.absmax, alpha, args)
+            alphas.append(alpha)
+        for n in LAYER_TENSORS:
+            full = f"layers.{i}.{n}"
+            if n not in LINEAR_TENSORS:
+                yield full, layer[n].to(dtype)
+                continue
+            qdata, scale = quantize_weight(layer[n], scheme)
+            stem = full.removesuffix(".weight")
+            point = reads[n]
+            if point in lstats.sample:
+                # factors[WO_IN] is over wo's input [n_heads*hd], as the wo_in sample rows are
+                report[stem] = _linear_report(lstats.sample[point], factors.get(point), layer[n], qdata, scale,
+                                              scheme)
+            yield f"{stem}.qdata", qdata
+            yield f"{stem}.scale", scale
+        for p in POINTS:  # the samples of a written layer are no longer needed
+            stats.samples.pop(f"layers.{i}.{p}", None)
+        del layer, lstats, factors
+        worst = min((r["sqnr_db"] for k, r in report.items() if k.startswith(f"layers.{i}.") and r["sqnr_db"]),
+                    default=None)
+        log(f"layer {i}: alpha {alphas[-1] if alphas else 'none'}"
+            + (f", worst SQNR {worst:.1f} dB" if worst is not None else ""))
+    for name in ("norm.weight", "output.weight"):
+        check_shape(src, name, glob[name], shapes[name])
+        yield name, glob[name].to(dtype)
+
+
+def calibrate_source(src: ModelSource, tmp: Path, tok, tok_file: str, opts: QuantOptions, log):
+    items, source = load_items(opts.calib_data)
+    tokenizer = Tokenizer(tok.kind, tmp / tok_file, tok.bos_id, tok.eos_id)
+    n = min(opts.calib_items, len(items))
+    log(f"calibrating on {n} HellaSwag items of {source} (seed {opts.calib_seed})")
+    try:
+        stats = calibrate(src, items, tokenizer, tok.add_bos, n_items=n, seed=opts.calib_seed,
+                          split="validation", data=source, sample_rows=opts.sample_rows,
+                          batch_tokens=opts.batch_tokens)
+    except ValueError as e:
+        raise HscError(f"calibration: {e}") from None
+    return stats, source
+
+
+def quant_manifest_fields(plan, scheme, stats, calib_source: str, opts: QuantOptions, alphas: list, report: dict,
+                          calib_path: Path, add_bos: bool) -> dict:
+    """The manifest's quantization fields: scheme, calibration provenance, alphas, error report."""
+    return dict(
+        compute_dtype=PRECISION_DTYPES[plan.compute],
+        quantization=scheme_asdict(scheme),
+        calibration={
+            "file": CALIBRATION_FILE, "sha256": hashlib.sha256(calib_path.read_bytes()).hexdigest(),
+            "bytes": calib_path.stat().st_size, "source": calib_source, "split": stats.split,
+            "item_ids": stats.item_indices, "seed": stats.seed, "n_items": len(stats.item_indices),
+            "n_tokens": stats.info.get("n_tokens"), "add_bos": add_bos,
+        },
+        smoothing={"alpha": opts.alpha, "per_layer": alphas} if opts.smooth else None,
+        quant_report={"reference": "float (smoothed) linear, fp64, on the calibration sample rows",
+                      "sample_rows": stats.info.get("sample_rows"), "per_linear": report},
+    )
