@@ -18,7 +18,8 @@ from runtime.config import LAYER_TENSORS, ModelArgs, global_shapes, layer_shapes
 
 TENSOR_TYPES = {"f32": QT.F32, "f16": QT.F16, "bf16": QT.BF16, "q8_0": QT.Q8_0, "q4_1": QT.Q4_1}
 
-# GGUF name -> Meta name, relative to blk.N. / layers.N.
+# GGUF name -> Meta name, relative to blk.N. / layers.N. Written out again here on purpose (not
+# imported from toolchain/gguf_source.py): a wrong mapping there must not be mirrored by the writer.
 _LAYER_NAMES = {
     "attn_norm.weight": "attention_norm.weight",
     "attn_q.weight": "attention.wq.weight",

@@ -25,6 +25,7 @@ TOKENIZER_VOCAB = 32000
 
 # Column-parallel layers hold output rows (dim 0), row-parallel ones input columns (dim 1),
 # norms are replicated (None). tok_embeddings is the caller's choice (LLaMA-1/2: 1, LLaMA-3: 0).
+# Kept apart from toolchain/meta_source.py on purpose: the reader is tested against this writer.
 _SPLIT = {
     "attention.wq.weight": 0,
     "attention.wk.weight": 0,

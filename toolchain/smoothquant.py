@@ -113,26 +113,25 @@ def _check(name: str, t: torch.Tensor, s: torch.Tensor, dim: int) -> None:
         raise ValueError("smoothing factors must be finite and positive")
 
 
-def fold_attention_input(layer: dict, s: torch.Tensor) -> dict:
-    """(a) attention_norm.weight /= s; wq, wk, wv columns *= s."""
+def _fold_norm_input(layer: dict, s: torch.Tensor, norm: str, point: str) -> dict:
+    """norm weight /= s; the columns of the linears that read the normalised input *= s."""
     out = dict(layer)
-    _check("attention_norm.weight", layer["attention_norm.weight"], s, 0)
-    out["attention_norm.weight"] = _scaled(layer["attention_norm.weight"], s, None, divide=True)
-    for n in POINT_LINEARS[WQKV_IN]:
+    _check(norm, layer[norm], s, 0)
+    out[norm] = _scaled(layer[norm], s, None, divide=True)
+    for n in POINT_LINEARS[point]:
         _check(n, layer[n], s, 1)
         out[n] = _scaled(layer[n], s, 1, divide=False)
     return out
+
+
+def fold_attention_input(layer: dict, s: torch.Tensor) -> dict:
+    """(a) attention_norm.weight /= s; wq, wk, wv columns *= s."""
+    return _fold_norm_input(layer, s, "attention_norm.weight", WQKV_IN)
 
 
 def fold_ffn_input(layer: dict, s: torch.Tensor) -> dict:
     """(b) ffn_norm.weight /= s; w1, w3 columns *= s."""
-    out = dict(layer)
-    _check("ffn_norm.weight", layer["ffn_norm.weight"], s, 0)
-    out["ffn_norm.weight"] = _scaled(layer["ffn_norm.weight"], s, None, divide=True)
-    for n in POINT_LINEARS[W13_IN]:
-        _check(n, layer[n], s, 1)
-        out[n] = _scaled(layer[n], s, 1, divide=False)
-    return out
+    return _fold_norm_input(layer, s, "ffn_norm.weight", W13_IN)
 
 
 def fold_w2_input(layer: dict, s: torch.Tensor) -> dict:
