@@ -197,6 +197,7 @@ class PackedScorer:
         # one graph; without CUDA, plain inductor.
         mode = "reduce-overhead" if self.device.type == "cuda" else None
         self.step = torch.compile(step, mode=mode, fullgraph=True, dynamic=False) if compile else step
+        self.compiled = compile
 
     def prepare(self, requests: list[Request], like: Batches | None = None) -> Batches:
         """Pack `requests`; with `like`, into exactly the shape of earlier batches, so the
@@ -206,6 +207,9 @@ class PackedScorer:
             self.row_len = choose_row_len(segments, self.batch_tokens)
         if self.rows_per_batch is None:
             self.rows_per_batch = max(1, self.batch_tokens // self.row_len)
+            if not self.compiled:  # eager: no graph to reuse, so do not pad a short run to a full batch
+                n_rows = len(_first_fit([len(s.tokens) for s in segments], self.row_len))
+                self.rows_per_batch = min(self.rows_per_batch, n_rows)
         batches = pack(segments, self.row_len, self.rows_per_batch,
                        n_targets=like.target_index.shape[1] if like is not None else None)
         self.n_requests = len(requests)
@@ -216,8 +220,8 @@ class PackedScorer:
     @torch.inference_mode()
     def warmup(self, batches: Batches, steps: int = 3) -> None:
         """Compile, autotune and record the CUDA graph on the first batch (a graph is recorded on
-        a later call than the first)."""
-        for _ in range(steps):
+        a later call than the first). Eager execution needs no warm-up."""
+        for _ in range(steps if self.compiled else 0):
             self.step(batches.tokens[0], batches.positions[0], batches.slot[0], batches.branch[0],
                       batches.target_index[0], batches.target_ids[0])
         if self.device.type == "cuda":
