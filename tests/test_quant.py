@@ -15,7 +15,7 @@ from runtime.config import ModelArgs
 from runtime.model import Transformer, rope_tables
 from runtime.quant import (BLOCK_LINEARS, INT_MM_MIN_ROWS, SCHEMES, Float8WeightFloat8Activation, Granularity,
                            Int8WeightInt8Activation, Int8WeightOnly, QuantLinear, dequantize_weight,
-                           fp8_linear, int8_linear, quantize_activation_per_token, quantize_weight,
+                           fp8_linear, int8_linear, int_mm_padded, quantize_activation_per_token, quantize_weight,
                            scheme_asdict, scheme_from_dict, swap_linears)
 from tests.test_model import random_state_dict
 
@@ -157,8 +157,8 @@ def test_extra_repr_shows_scheme():
 
 @pytest.mark.parametrize("M", [1, 16, 17, 40])
 def test_int8_linear_shapes_and_exactness(M, gen, monkeypatch):
-    """Every _int_mm call obeys the CUDA rules (M > 16, K and N multiples of 8) even on CPU, and the
-    result equals the exact integer product rescaled in fp32."""
+    """Every _int_mm call obeys the CUDA rules (M > 16, K and N multiples of 8), also when made on the
+    CPU here, and both paths equal the exact integer product (rescaled in fp32)."""
     calls = []
     real = torch._int_mm
 
@@ -170,10 +170,14 @@ def test_int8_linear_shapes_and_exactness(M, gen, monkeypatch):
     monkeypatch.setattr(torch, "_int_mm", checked)
     lin = gaussian_linear(64, 24, gen)
     q = QuantLinear.from_float(lin, Int8WeightInt8Activation())
+    a = torch.randint(-127, 128, (M, 64), generator=gen, dtype=torch.int8)
+    acc = int_mm_padded(a, q.qdata)
+    assert acc.shape == (M, 24) and len(calls) == 1
+    assert torch.equal(acc.long(), a.long() @ q.qdata.long().t())
     x = torch.randn(M, 64, generator=gen)
     with torch.no_grad():
-        got = q(x)
-    assert got.shape == (M, 24) and len(calls) == 1
+        got = q(x)  # the CPU path: exact fp64 sums
+    assert got.shape == (M, 24)
     assert torch.equal(got, exact_int8_reference(x, q.qdata, q.scale))
 
 
