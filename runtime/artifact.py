@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from runtime.config import MANIFEST_NAME, QUANTIZED_PRECISIONS, Manifest
 from runtime.errors import file_error
 from runtime.model import Transformer, rope_tables
+from runtime.quant import scheme_from_dict, swap_linears
 from runtime.tokenizer import Tokenizer
 
 
@@ -95,8 +96,6 @@ def _scheme(artifact: Path, manifest: Manifest):
         if manifest.precision in QUANTIZED_PRECISIONS:
             raise file_error(path, f"precision {manifest.precision} but no quantization scheme (malformed manifest)")
         return None
-    from runtime.quant import scheme_from_dict
-
     try:
         return scheme_from_dict(manifest.quantization)
     except ValueError as e:
@@ -115,8 +114,6 @@ def build_model(artifact: Path, manifest: Manifest, device: str | torch.device, 
     with torch.device("meta"):
         model = Transformer(manifest.model, tp=manifest.mapping.tp, tp_group=tp_group)
         if scheme is not None:
-            from runtime.quant import swap_linears
-
             try:
                 swap_linears(model, scheme)
             except ValueError as e:  # a rank's slice does not suit the scheme's kernel
