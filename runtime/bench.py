@@ -74,32 +74,6 @@ def gemm_rate(dtype: torch.dtype, m: int, k: int, n: int, device) -> float:
     return 2 * m * k * n / sorted(times)[len(times) // 2]
 
 
-@dataclass
-class BenchResult:
-    seconds: float
-    tokens: int
-    model_flops: float
-    warmup_s: float
-    logliks: list[float]
-
-
-def bench_packed(model, requests: list[Request], device, batch_tokens: int, compile: bool,
-                 progress=None) -> BenchResult:
-    scorer = PackedScorer(model, device, None, batch_tokens, compile=compile)
-    batches = scorer.prepare(requests)
-    t0 = time.perf_counter()
-    scorer.warmup(batches)
-    warm = time.perf_counter() - t0
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    logliks = scorer.score(batches, progress=progress)
-    seconds = time.perf_counter() - t0
-    tokens = sum(batches.real_tokens)
-    avg_ctx = scorer.row_len / 2  # attention keys per token, roughly
-    head = 2 * model.args.dim * model.args.vocab_size * sum(len(r.continuation) for r in requests)
-    return BenchResult(seconds, tokens, tokens * flops_per_token(model.args, avg_ctx) + head, warm, logliks)
-
-
 def hf_baseline(args: ModelArgs, dtype: torch.dtype, requests: list[Request], device, batch_size: int = 64) -> float:
     """Seconds for lm-eval's HF loop over `requests` with a transformers model of the same shape."""
     import torch.nn.functional as F
@@ -138,10 +112,6 @@ def hf_baseline(args: ModelArgs, dtype: torch.dtype, requests: list[Request], de
     del hf
     torch.cuda.empty_cache()
     return seconds
-
-
-def bench_requests(items: list[Item], tokenizer, n_layers: int | None, args: ModelArgs):
-    return build_requests(items, tokenizer, add_bos=True), (replace(args, n_layers=n_layers) if n_layers else args)
 
 
 @dataclass(frozen=True)
