@@ -49,13 +49,15 @@ def cli():
 @click.option("--alpha", default=None,
               help="quantized: SmoothQuant migration strength, auto (searched per layer) or 0..1 [default: auto]")
 @click.option("--no-smooth", is_flag=True, help="quantized: no SmoothQuant scaling")
+@click.option("--device", default=None,
+              help="quantized: where calibration and quantization compute, auto, cpu, cuda, cuda:N [default: auto]")
 def compile_cmd(source, target, precision, out_dir, tokenizer_path, tp, force, calib_data, calib_items,
-                calib_seed, alpha, no_smooth):
+                calib_seed, alpha, no_smooth, device):
     """Compile SOURCE (a Meta checkpoint directory, a .gguf file, or `smollm2`) for TARGET."""
     from toolchain.compile import QuantOptions, compile_checkpoint
 
     quant = None
-    if any(v is not None for v in (calib_data, calib_items, calib_seed, alpha)) or no_smooth or \
+    if any(v is not None for v in (calib_data, calib_items, calib_seed, alpha, device)) or no_smooth or \
             precision in ("fp8", "int8", "w8"):
         if calib_items is not None and calib_items < 1:
             raise HscError(f"--calib-items {calib_items}: must be at least 1")
@@ -72,7 +74,8 @@ def compile_cmd(source, target, precision, out_dir, tokenizer_path, tp, force, c
         d = QuantOptions()
         quant = QuantOptions(calib_data=calib_data, calib_items=d.calib_items if calib_items is None else calib_items,
                              calib_seed=d.calib_seed if calib_seed is None else calib_seed,
-                             alpha=d.alpha if alpha is None else alpha, smooth=not no_smooth)
+                             alpha=d.alpha if alpha is None else alpha, smooth=not no_smooth,
+                             device=d.device if device is None else device)
     manifest, path = compile_checkpoint(source, target, precision, out_dir, _command_line(),
                                         tokenizer_path=tokenizer_path, tp=tp, force=force, log=click.echo,
                                         quant=quant)

@@ -184,7 +184,7 @@ def compile_checkpoint(source: str | Path, target_name: str, precision: str, out
             raise file_error(out_dir, "already exists (use --force to replace it)")
         log(f"plan: {plan.explanation}")
         if quant is not None and plan.precision not in QUANTIZED_PRECISIONS:
-            raise HscError(f"--calib-data/--calib-items/--calib-seed/--alpha/--no-smooth apply to the quantized "
+            raise HscError(f"--calib-data/--calib-items/--calib-seed/--alpha/--no-smooth/--device apply to the quantized "
                            f"precisions ({', '.join(QUANTIZED_PRECISIONS)}), not {plan.precision}")
         return write_artifact(src, plan, target.name, out_dir, command, quant=quant, log=log), out_dir
 

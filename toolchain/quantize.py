@@ -45,6 +45,14 @@ class QuantOptions:
     smooth: bool = True
     sample_rows: int = 512  # activation rows kept per point and layer, for the alpha search and the report
     batch_tokens: int = 8192
+    device: str = "auto"  # where calibration, smoothing and quantization compute: auto = CUDA if present
+
+
+def compute_device(opts: QuantOptions) -> torch.device:
+    """The device of the compiler's arithmetic (weights are still read and written on the host)."""
+    from runtime.distributed import pick_device
+
+    return pick_device(opts.device)
 
 
 def quant_layout(shapes: dict[str, tuple[int, ...]], tp: int, dtype: torch.dtype, scheme):
@@ -96,6 +104,7 @@ def quantized_stream(src: ModelSource, shapes, dtype, scheme, stats, opts: Quant
     """(name, tensor) in quant_layout order, one layer in memory at a time: the layer is smoothed in
     fp32 (factors from the calibration maxima), its linears quantized, everything else cast to `dtype`."""
     args = src.args
+    device = compute_device(opts)
     reads = {n: p for p, names in POINT_LINEARS.items() for n in names}  # linear -> the point it reads
     glob = src.global_tensors()
     for name in ("tok_embeddings.weight",):
@@ -105,9 +114,11 @@ def quantized_stream(src: ModelSource, shapes, dtype, scheme, stats, opts: Quant
         raw = src.layer_tensors(i)
         for n in LAYER_TENSORS:
             check_shape(src, f"layers.{i}.{n}", raw[n], shapes[f"layers.{i}.{n}"])
-        layer = {n: raw[n].float() for n in LAYER_TENSORS}
+        layer = {n: raw[n].to(device).float() for n in LAYER_TENSORS}
         del raw
         lstats = stats.layer(i)
+        lstats = type(lstats)({p: t.to(device) for p, t in lstats.absmax.items()},
+                              {p: t.to(device) for p, t in lstats.sample.items()})
         factors = {}
         if opts.smooth:
             if opts.alpha == "auto":
@@ -121,7 +132,7 @@ def quantized_stream(src: ModelSource, shapes, dtype, scheme, stats, opts: Quant
         for n in LAYER_TENSORS:
             full = f"layers.{i}.{n}"
             if n not in LINEAR_TENSORS:
-                yield full, layer[n].to(dtype)
+                yield full, layer[n].to(dtype).cpu()
                 continue
             qdata, scale = quantize_weight(layer[n], scheme)
             stem = full.removesuffix(".weight")
@@ -130,8 +141,8 @@ def quantized_stream(src: ModelSource, shapes, dtype, scheme, stats, opts: Quant
                 # factors[WO_IN] is over wo's input [n_heads*hd], as the wo_in sample rows are
                 report[stem] = _linear_report(lstats.sample[point], factors.get(point), layer[n], qdata, scale,
                                               scheme)
-            yield f"{stem}.qdata", qdata
-            yield f"{stem}.scale", scale
+            yield f"{stem}.qdata", qdata.cpu()
+            yield f"{stem}.scale", scale.cpu()
         for p in POINTS:  # the samples of a written layer are no longer needed
             stats.samples.pop(f"layers.{i}.{p}", None)
         del layer, lstats, factors
@@ -148,9 +159,10 @@ def calibrate_source(src: ModelSource, tmp: Path, tok, tok_file: str, opts: Quan
     items, source = load_items(opts.calib_data)
     tokenizer = Tokenizer(tok.kind, tmp / tok_file, tok.bos_id, tok.eos_id)
     n = min(opts.calib_items, len(items))
-    log(f"calibrating on {n} HellaSwag items of {source} (seed {opts.calib_seed})")
+    device = compute_device(opts)
+    log(f"calibrating on {n} HellaSwag items of {source} (seed {opts.calib_seed}) on {device}")
     try:
-        stats = calibrate(src, items, tokenizer, tok.add_bos, n_items=n, seed=opts.calib_seed,
+        stats = calibrate(src, items, tokenizer, tok.add_bos, n_items=n, seed=opts.calib_seed, device=device,
                           split="validation", data=source, sample_rows=opts.sample_rows,
                           batch_tokens=opts.batch_tokens)
     except ValueError as e:
