@@ -86,7 +86,7 @@ def load_rank_weights(artifact: Path, manifest: Manifest, tp_rank: int, device: 
 
 
 # QuantLinear buffers: stored in the scheme's dtypes (fp8 qdata is a float dtype too), never cast.
-_QUANT_BUFFERS = (".qdata", ".scale", ".act_pre_scale")
+QUANT_BUFFERS = (".qdata", ".scale", ".act_pre_scale")
 
 
 def _scheme(artifact: Path, manifest: Manifest):
@@ -119,7 +119,7 @@ def build_model(artifact: Path, manifest: Manifest, device: str | torch.device, 
             except ValueError as e:  # a rank's slice does not suit the scheme's kernel
                 raise file_error(Path(artifact) / MANIFEST_NAME, str(e)) from None
     try:
-        model.load_state_dict({k: v if k.endswith(_QUANT_BUFFERS) else v.to(dtype) for k, v in weights.items()},
+        model.load_state_dict({k: v if k.endswith(QUANT_BUFFERS) else v.to(dtype) for k, v in weights.items()},
                               strict=True, assign=True)
     except RuntimeError as e:
         shard = manifest.shards[tp_rank].file
@@ -129,4 +129,4 @@ def build_model(artifact: Path, manifest: Manifest, device: str | torch.device, 
     model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
     if dtype != torch.float32:
         model.head_fp32 = model.output.weight.float()
-    return model.eval()
+    return model.use_half_split_rope().eval()

@@ -20,6 +20,7 @@ from runtime.errors import HscError
 from runtime.hellaswag import Item
 from runtime.model import Transformer, rope_tables
 from runtime.packed import PackedScorer
+from runtime.quant import SCHEMES, swap_linears
 from runtime.scoring import Request, build_requests
 
 SHAPES = {
@@ -29,10 +30,20 @@ SHAPES = {
                               hidden_dim=1536, rope_theta=100000.0),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Quantized precisions: the scheme of the seven block linears, everything else in bf16 (as the
+# h200 targets compile them).
+QUANTIZED = {"fp8": "fp8", "int8": "int8", "w8": "w8"}
+PRECISIONS = (*DTYPES, *QUANTIZED)
 
 
-def random_model(args: ModelArgs, dtype: torch.dtype, device, seed: int = 0) -> Transformer:
-    """Weights ~ N(0, 1/fan_in), norms 1: activations stay O(1) through any depth."""
+def compute_dtype(precision: str) -> torch.dtype:
+    return torch.bfloat16 if precision in QUANTIZED else DTYPES[precision]
+
+
+def random_model(args: ModelArgs, dtype: torch.dtype, device, seed: int = 0, scheme: str | None = None) -> Transformer:
+    """Weights ~ N(0, 1/fan_in), norms 1: activations stay O(1) through any depth. With a scheme,
+    each block's linears are then quantized from those weights, one block at a time (so the
+    float copy of only one block is alive next to the quantized model)."""
     with torch.device("meta"):
         model = Transformer(args).to(dtype)  # never materialised in fp32: 130 GB at 30B
     model = model.to_empty(device=device)
@@ -45,9 +56,14 @@ def random_model(args: ModelArgs, dtype: torch.dtype, device, seed: int = 0) -> 
                 p.normal_(0.0, 1.0 / math.sqrt(p.shape[-1]), generator=gen)
     cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
     model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
+    if scheme is not None:
+        for block in model.layers:
+            swap_linears(block, SCHEMES[scheme]())
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
     if dtype != torch.float32:
         model.head_fp32 = model.output.weight.float()
-    return model.eval()
+    return model.use_half_split_rope().eval()
 
 
 def flops_per_token(args: ModelArgs, context: int) -> float:
@@ -57,17 +73,28 @@ def flops_per_token(args: ModelArgs, context: int) -> float:
     return args.n_layers * (linear + 4 * context * args.dim)
 
 
-def gemm_rate(dtype: torch.dtype, m: int, k: int, n: int, device) -> float:
-    """Measured FLOP/s of one [m, k] x [k, n] product in `dtype` (median of 20 after warm-up)."""
-    a = torch.randn(m, k, device=device, dtype=dtype)
-    b = torch.randn(k, n, device=device, dtype=dtype)
+def gemm_rate(precision: str, m: int, k: int, n: int, device) -> float:
+    """Measured FLOP/s of one [m, k] x [k, n] product with the kernel `precision` runs (median of 20
+    after warm-up): a float matmul; torch._scaled_mm with row-wise scales (fp8); torch._int_mm
+    (int8); w8 runs float matmuls after dequantizing, so its rate is bf16's."""
+    a = torch.randn(m, k, device=device, dtype=compute_dtype(precision))
+    b = torch.randn(n, k, device=device, dtype=compute_dtype(precision))
+    if precision == "fp8":
+        a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn)
+        sa, sb = torch.ones(m, 1, device=device), torch.ones(1, n, device=device)
+        product = lambda: torch._scaled_mm(a8, b8.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
+    elif precision == "int8":
+        a8, b8 = a.clamp(-127, 127).to(torch.int8), b.clamp(-127, 127).to(torch.int8)
+        product = lambda: torch._int_mm(a8, b8.t())
+    else:
+        product = lambda: a @ b.t()
     for _ in range(3):
-        a @ b
+        product()
     times = []
     for _ in range(20):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        a @ b
+        product()
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
@@ -138,8 +165,9 @@ def _worker(rank: int, cfg: BenchConfig, requests: list[Request], args: ModelArg
         os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
         dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=cfg.gpus,
                                 device_id=device)
-    torch.backends.cuda.matmul.allow_tf32 = DTYPES[cfg.precision] != torch.float32
-    model = random_model(args, DTYPES[cfg.precision], device)
+    dtype = compute_dtype(cfg.precision)
+    torch.backends.cuda.matmul.allow_tf32 = dtype != torch.float32
+    model = random_model(args, dtype, device, scheme=QUANTIZED.get(cfg.precision))
     # Data parallel: whole items (4 requests each) dealt round-robin.
     mine = [r for k in range(rank, len(requests) // 4, cfg.gpus) for r in requests[4 * k: 4 * k + 4]]
     scorer = PackedScorer(model, device, None, cfg.batch_tokens, compile=cfg.compile)
@@ -197,8 +225,8 @@ def run_bench(cfg: BenchConfig, items: list[Item], tokenizer, echo=print) -> dic
         p.join()
     seconds = max(r[1] for r in results)
     tokens = sum(r[3] for r in results)
-    dtype = DTYPES[cfg.precision]
-    rate = gemm_rate(dtype, cfg.batch_tokens, args.dim, args.ffn_dim, "cuda")
+    dtype = compute_dtype(cfg.precision)
+    rate = gemm_rate(cfg.precision, cfg.batch_tokens, args.dim, args.ffn_dim, "cuda")
     n_targets = sum(len(r.continuation) for r in requests)
     model_flops = tokens * flops_per_token(args, results[0][5][1] / 2) + 2 * args.dim * args.vocab_size * n_targets
     out = {

@@ -39,6 +39,33 @@ def test_forward_matches_float64_reference(n_kv_heads):
         torch.testing.assert_close(got[b].double(), want, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("scheme", [None, "int8", "fp8"])
+@pytest.mark.parametrize("n_kv_heads", [None, 2])
+def test_half_split_rope_changes_nothing(n_kv_heads, scheme):
+    """The runtime's RoPE layout (rows of wq/wk permuted, halves rotated) against Meta's interleaved
+    one on the same weights: equal up to fp32 rounding (only the order of a few sums changes)."""
+    from runtime.quant import SCHEMES, swap_linears
+
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads, vocab_size=97, multiple_of=32,
+                     max_seq_len=64)
+    sd = random_state_dict(args, seed=torch.seed() % 2**31)
+    models = []
+    for _ in range(2):
+        m = Transformer(args)
+        m.load_state_dict(sd)
+        if scheme:
+            swap_linears(m, SCHEMES[scheme]())
+        models.append(m.eval())
+    models[1].use_half_split_rope()
+    assert not models[1].layers[0].attention.rope_interleaved
+    tokens = torch.randint(0, args.vocab_size, (2, 20))
+    with torch.no_grad():
+        a, b = models[0](tokens), models[1](tokens)
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # a second call is a no-op, not a second permutation
+        torch.testing.assert_close(models[1].use_half_split_rope()(tokens), a, atol=1e-5, rtol=1e-5)
+
+
 def test_tp_mismatch_refused():
     args = ModelArgs(dim=52 * 4, n_layers=1, n_heads=52, vocab_size=10)
     with pytest.raises(ValueError, match="tp=8"):

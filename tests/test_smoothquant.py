@@ -267,9 +267,12 @@ def test_calibrate_streams_layers_and_matches_full_model_hooks(tiny_checkpoint, 
     chosen = [items[k] for k in stats.item_indices]
     requests = build_requests(chosen, tok, add_bos=True)
     want, rows = hooked_reference(truth, args, requests)
-    # Packed positions are exactly the per-request forwards' positions, each context once.
-    segment_tokens = sum(len(r.context) for r in requests[::4]) + sum(len(r.continuation) - 1 for r in requests)
-    assert stats.info["n_tokens"] == segment_tokens
+    # Packed positions are the per-request forwards' positions, each shared prefix at most once: no
+    # fewer than the distinct prefixes of all sequences, no more than one tree per item.
+    seqs = [(*r.context, *r.continuation[:-1]) for r in requests]
+    prefixes = lambda group: len({s[:n] for s in group for n in range(1, len(s) + 1)})
+    per_item = sum(prefixes(seqs[k:k + 4]) for k in range(0, len(seqs), 4))
+    assert prefixes(seqs) <= stats.info["n_tokens"] <= per_item
     assert set(stats.absmax) == set(want)
     for k in want:
         assert stats.absmax[k].dtype == torch.float32
@@ -322,8 +325,10 @@ def test_calibrate_holdout_items_give_samples_only(tiny_checkpoint):
         # sample_rows above the token count: every held-out position once (no padding, no duplicates).
         assert stats.samples[k].shape[0] == stats.info["sample_rows"]
         assert torch.cdist(stats.samples[k], held_rows[k], compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values.max() < 1e-4
-    n_held = sum(len(r.context) for r in held_requests[::4]) + sum(len(r.continuation) - 1 for r in held_requests)
-    assert stats.info["sample_rows"] == n_held
+    # Every held-out tree node once: between the distinct prefixes of all sequences and one tree per item.
+    seqs = [(*r.context, *r.continuation[:-1]) for r in held_requests]
+    prefixes = lambda group: len({s[:n] for s in group for n in range(1, len(s) + 1)})
+    assert prefixes(seqs) <= stats.info["sample_rows"] <= sum(prefixes(seqs[k:k + 4]) for k in range(0, len(seqs), 4))
 
 
 def test_calibration_feeds_choose_alpha(tiny_checkpoint):

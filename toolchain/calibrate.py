@@ -7,7 +7,7 @@ recorded by forward pre-hooks, and its outputs replace its inputs for the next l
 never whole in memory.
 
 The tokens are laid out exactly as `hsc run` scores them (runtime/packed.py: each item's context
-once, its 4 endings as branches, first-fit packed rows, the shared-context mask), so calibration
+once, its 4 endings as branches, shared prefixes once, first-fit packed rows, the tree mask), so calibration
 sees what scoring sees; labels are never read. Padding tokens are excluded from every statistic.
 
 Recorded per layer i (one statistic per distinct input, not per linear):
@@ -216,10 +216,10 @@ def calibrate(src: ModelSource, items: list[Item], tokenizer, add_bos: bool, n_i
         for s_i, bs in enumerate(sets):
             is_calib, is_sample = s_i == 0, bs is sample_set
             for b in range(bs.tokens.shape[0]):
-                slot, branch, pos = (bs.slot[b].to(device), bs.branch[b].to(device), bs.positions[b].to(device))
+                slot, end, pos = (bs.slot[b].to(device), bs.subtree_end[b].to(device), bs.positions[b].to(device))
                 rec.real = (slot != PAD_SLOT).flatten() if is_calib else None
                 rec.pick = picks[b].to(device) if (is_sample and picks is not None) else None
-                hidden[s_i][b] = block(hidden[s_i][b], cos_table[pos], sin_table[pos], attention_mask(slot, branch))
+                hidden[s_i][b] = block(hidden[s_i][b], cos_table[pos], sin_table[pos], attention_mask(end))
         rec.remove()
         for p in POINTS:
             absmax[f"layers.{i}.{p}"] = rec.absmax[p].cpu()
