@@ -51,14 +51,20 @@ def cli():
 @click.option("--no-smooth", is_flag=True, help="quantized: no SmoothQuant scaling")
 @click.option("--device", default=None,
               help="quantized: where calibration and quantization compute, auto, cpu, cuda, cuda:N [default: auto]")
+@click.option("--check-items", type=int, default=None,
+              help="quantized: held-out items on which the float and the quantized model are compared "
+                   "(0: no check) [default: 256]")
+@click.option("--max-drop", type=float, default=None,
+              help="quantized: refuse to write the artifact if acc_norm on the check items drops by more than "
+                   "X points (docs/quantization.md)")
 def compile_cmd(source, target, precision, out_dir, tokenizer_path, tp, force, calib_data, calib_items,
-                calib_seed, alpha, no_smooth, device):
+                calib_seed, alpha, no_smooth, device, check_items, max_drop):
     """Compile SOURCE (a Meta checkpoint directory, a .gguf file, or `smollm2`) for TARGET."""
     from toolchain.compile import QuantOptions, compile_checkpoint
 
     quant = None
-    if any(v is not None for v in (calib_data, calib_items, calib_seed, alpha, device)) or no_smooth or \
-            precision in ("fp8", "int8", "w8"):
+    given = (calib_data, calib_items, calib_seed, alpha, device, check_items, max_drop)
+    if any(v is not None for v in given) or no_smooth or precision in ("fp8", "int8", "w8"):
         if calib_items is not None and calib_items < 1:
             raise HscError(f"--calib-items {calib_items}: must be at least 1")
         if alpha is not None and alpha != "auto":
@@ -75,7 +81,8 @@ def compile_cmd(source, target, precision, out_dir, tokenizer_path, tp, force, c
         quant = QuantOptions(calib_data=calib_data, calib_items=d.calib_items if calib_items is None else calib_items,
                              calib_seed=d.calib_seed if calib_seed is None else calib_seed,
                              alpha=d.alpha if alpha is None else alpha, smooth=not no_smooth,
-                             device=d.device if device is None else device)
+                             device=d.device if device is None else device,
+                             check_items=d.check_items if check_items is None else check_items, max_drop=max_drop)
     manifest, path = compile_checkpoint(source, target, precision, out_dir, _command_line(),
                                         tokenizer_path=tokenizer_path, tp=tp, force=force, log=click.echo,
                                         quant=quant)
@@ -169,6 +176,7 @@ def bench_cmd(shape, precision, gpus, layers, limit, batch_tokens, compile_, bas
 def inspect_cmd(artifact, verify, as_json):
     """Show what ARTIFACT holds; with --verify, check every file against the manifest."""
     from runtime.artifact import load_manifest, manifest_sha256, verify_artifact
+    from toolchain.quant_check import check_summary
 
     m = load_manifest(artifact)
     checked = verify_artifact(artifact, m) if verify else None
@@ -215,6 +223,8 @@ def inspect_cmd(artifact, verify, as_json):
                               for n, r in rows)
             worst = max(r["rel_error"] for _, r in rows)
             click.echo(f"quant err  layer {i}: SQNR {cells}; max rel error {worst:.4f}")
+    if m.quant_report and m.quant_report.get("check"):
+        click.echo(f"check      {check_summary(m.quant_report['check'])}")
     p = m.provenance
     click.echo(f"source     {p.source_format} {p.source_path} (sha256 {p.source_sha256[:16]})")
     click.echo(f"built      {p.created_utc} by hsc {p.toolchain_version}: {p.command}")

@@ -1,7 +1,8 @@
 """`hsc compile`: checkpoint -> plan -> artifact directory.
 
 The artifact is written into a temporary sibling directory and renamed only when every file is
-complete, so a failed compile leaves nothing behind that looks like an artifact.
+complete, so a failed compile leaves nothing behind that looks like an artifact. A quantized
+artifact that fails the `--max-drop` check is a failed compile: it is removed the same way.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from toolchain import __version__
 from toolchain.hashing import combined_sha256
 from toolchain.safetensors_writer import StreamingSafetensorsWriter
 from toolchain.shard import shard_shape, shard_tensor
-from toolchain.quantize import (CALIBRATION_FILE, QuantOptions, calibrate_source, check_quant_shapes,
-                                quant_layout, quant_manifest_fields, quantized_stream)
+from toolchain.quantize import (CALIBRATION_FILE, QuantOptions, calibrate_source, calibration_items,
+                                check_quant_shapes, finish_check, quant_layout, quant_manifest_fields,
+                                quantized_stream, start_check)
 from toolchain.source import ModelSource, check_shape
 from toolchain.targets import Plan, get_target, make_plan
 
@@ -112,12 +114,17 @@ def write_artifact(src: ModelSource, plan: Plan, target: str, out_dir: Path, com
         q_fields = {}
         alphas: list = []
         report: dict = {}
+        check = None
         if quantized:
             # Pass 1: calibration (one layer at a time); its abs-max statistics go into the artifact.
-            stats, calib_source = calibrate_source(src, tmp, tok, tok_file, quant, log)
+            items, calib_source, tokenizer = calibration_items(tmp, tok, tok_file, quant)
+            stats = calibrate_source(src, items, calib_source, tokenizer, tok.add_bos, quant, log)
             stats.save(tmp / CALIBRATION_FILE, with_samples=False)
+            # The check rides along pass 2 on items calibration did not see.
+            check = start_check(src, items, calib_source, tokenizer, tok.add_bos, stats.item_indices, dtype,
+                                quant, log)
             layout = quant_layout(shapes, tp, dtype, scheme)
-            stream = quantized_stream(src, shapes, dtype, scheme, stats, quant, alphas, report, log)
+            stream = quantized_stream(src, shapes, dtype, scheme, stats, quant, alphas, report, log, check)
         else:
             layout = _layout(shapes, tp, dtype)
             stream = ((name, _checked(src, name, t, shapes[name]).to(dtype)) for name, t in _tensor_stream(src, shapes))
@@ -133,8 +140,10 @@ def write_artifact(src: ModelSource, plan: Plan, target: str, out_dir: Path, com
                                  params_by_dtype=w.params_by_dtype) for r, w in enumerate(writers))
 
         if quantized:
+            # --max-drop raises here, before the manifest and the rename: nothing is written.
+            checked = finish_check(check, quant, plan.precision, log)
             q_fields = quant_manifest_fields(plan, scheme, stats, calib_source, quant, alphas, report,
-                                             tmp / CALIBRATION_FILE, tok.add_bos)
+                                             tmp / CALIBRATION_FILE, tok.add_bos, checked)
         manifest = Manifest(
             format_version=FORMAT_VERSION,
             model_name=src.model_name,
@@ -184,8 +193,12 @@ def compile_checkpoint(source: str | Path, target_name: str, precision: str, out
             raise file_error(out_dir, "already exists (use --force to replace it)")
         log(f"plan: {plan.explanation}")
         if quant is not None and plan.precision not in QUANTIZED_PRECISIONS:
-            raise HscError(f"--calib-data/--calib-items/--calib-seed/--alpha/--no-smooth/--device apply to the quantized "
-                           f"precisions ({', '.join(QUANTIZED_PRECISIONS)}), not {plan.precision}")
+            if quant.max_drop is not None:
+                raise HscError(f"--max-drop {quant.max_drop:g}: the check compares a quantized artifact with the "
+                               f"float model; precision {plan.precision} is not quantized "
+                               f"(use --precision {' or '.join(QUANTIZED_PRECISIONS)})")
+            raise HscError(f"--calib-data/--calib-items/--calib-seed/--alpha/--no-smooth/--device/--check-items apply "
+                           f"to the quantized precisions ({', '.join(QUANTIZED_PRECISIONS)}), not {plan.precision}")
         return write_artifact(src, plan, target.name, out_dir, command, quant=quant, log=log), out_dir
 
 

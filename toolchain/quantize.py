@@ -1,16 +1,17 @@
-"""The quantized precisions (fp8, int8, w8) of `hsc compile`: calibrate, smooth, quantize.
+"""The quantized precisions (fp8, int8, w8) of `hsc compile`: calibrate, smooth, quantize, check.
 
 Two passes over the checkpoint, each one layer at a time: calibration (toolchain/calibrate.py)
 records the abs-max of every linear's input on HellaSwag items; then each layer is smoothed
 (SmoothQuant factors folded into the float weights, toolchain/smoothquant.py), its seven block
 linears quantized per output channel (runtime/quant.py) and streamed to the artifact writer,
-with a per-linear error report on the calibration sample rows.
+with a per-linear error report on the calibration sample rows. During the same pass held-out
+items run through the float and the quantized layer (toolchain/quant_check.py); `--max-drop`
+refuses the artifact when acc_norm on them drops by more than it allows.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,11 +19,12 @@ import torch
 
 from runtime.config import LAYER_TENSORS, layer_shapes
 from runtime.errors import HscError
-from runtime.hellaswag import load_items
+from runtime.hellaswag import Item, load_items
 from runtime.config import PRECISION_DTYPES
 from runtime.quant import QuantLinear, quantize_weight, scheme_asdict
 from runtime.tokenizer import Tokenizer
-from toolchain.calibrate import calibrate
+from toolchain.calibrate import CalibrationStats, calibrate
+from toolchain.quant_check import QuantCheck, check_summary, compare, draw_check_items, enforce_max_drop, error_stats
 from toolchain.shard import shard_shape
 from toolchain.smoothquant import (DEFAULT_ALPHAS, POINT_LINEARS, POINTS, choose_alpha, fake_quant_e4m3,
                                    fake_quant_int8, fake_quant_w8, smooth_layer)
@@ -36,7 +38,8 @@ CALIBRATION_FILE = "calibration.safetensors"
 
 @dataclass(frozen=True)
 class QuantOptions:
-    """How a quantized precision (fp8/int8/w8) is calibrated and smoothed (`hsc compile --calib-*`)."""
+    """How a quantized precision (fp8/int8/w8) is calibrated, smoothed and checked (`hsc compile --calib-*`,
+    `--check-items`, `--max-drop`)."""
 
     calib_data: str | None = None  # as `hsc run --data`: None = the shared validation file, else datasets
     calib_items: int = 512
@@ -46,6 +49,17 @@ class QuantOptions:
     sample_rows: int = 512  # activation rows kept per point and layer, for the alpha search and the report
     batch_tokens: int = 8192
     device: str = "auto"  # where calibration, smoothing and quantization compute: auto = CUDA if present
+    check_items: int = 256  # held-out items of the float-vs-quantized check (0: no check)
+    max_drop: float | None = None  # acc_norm points the check may lose; more refuses the artifact
+
+    def __post_init__(self):
+        if self.check_items < 0:
+            raise HscError(f"--check-items {self.check_items}: must be 0 (no check) or more")
+        if self.max_drop is not None:
+            if not self.max_drop >= 0:  # also refuses nan
+                raise HscError(f"--max-drop {self.max_drop:g}: must be a number of acc_norm points, 0 or more")
+            if self.check_items == 0:
+                raise HscError("--max-drop needs the quantization check, which --check-items 0 turns off")
 
 
 def compute_device(opts: QuantOptions) -> torch.device:
@@ -93,29 +107,32 @@ def _linear_report(x: torch.Tensor, s: torch.Tensor | None, w: torch.Tensor, qda
     mod = QuantLinear(w.shape[1], w.shape[0], scheme)
     mod.qdata, mod.scale = qdata, scale
     err = (mod(xs.float()).double() - ref).pow(2).sum()
-    power = ref.pow(2).sum()
-    rel = math.sqrt(float(err / power.clamp(min=1e-300)))
-    sqnr = 10 * math.log10(float(power / err)) if err > 0 else math.inf
-    return {"rel_error": round(rel, 6), "sqnr_db": round(sqnr, 2) if math.isfinite(sqnr) else None}
+    return error_stats(float(err), float(ref.pow(2).sum()))
 
 
 def quantized_stream(src: ModelSource, shapes, dtype, scheme, stats, opts: QuantOptions,
-                      alphas: list, report: dict, log):
+                     alphas: list, report: dict, log, check: QuantCheck | None = None):
     """(name, tensor) in quant_layout order, one layer in memory at a time: the layer is smoothed in
-    fp32 (factors from the calibration maxima), its linears quantized, everything else cast to `dtype`."""
+    fp32 (factors from the calibration maxima), its linears quantized, everything else cast to `dtype`.
+    `check`, if given, is advanced through every layer, float and as written (QuantCheck)."""
     args = src.args
     device = compute_device(opts)
     reads = {n: p for p, names in POINT_LINEARS.items() for n in names}  # linear -> the point it reads
     glob = src.global_tensors()
     for name in ("tok_embeddings.weight",):
         check_shape(src, name, glob[name], shapes[name])
-        yield name, glob[name].to(dtype)
+        written = glob[name].to(dtype)
+        if check is not None:
+            check.embed(glob[name], written)
+        yield name, written
     for i in range(args.n_layers):
         raw = src.layer_tensors(i)
         for n in LAYER_TENSORS:
             check_shape(src, f"layers.{i}.{n}", raw[n], shapes[f"layers.{i}.{n}"])
         layer = {n: raw[n].to(device).float() for n in LAYER_TENSORS}
         del raw
+        original = layer  # smooth_layer returns a new dict: the check's float reference is unsmoothed
+        written = {}  # the block's state dict as the artifact holds it, for the check
         lstats = stats.layer(i)
         lstats = type(lstats)({p: t.to(device) for p, t in lstats.absmax.items()},
                               {p: t.to(device) for p, t in lstats.sample.items()})
@@ -132,10 +149,13 @@ def quantized_stream(src: ModelSource, shapes, dtype, scheme, stats, opts: Quant
         for n in LAYER_TENSORS:
             full = f"layers.{i}.{n}"
             if n not in LINEAR_TENSORS:
-                yield full, layer[n].to(dtype).cpu()
+                written[n] = layer[n].to(dtype)
+                yield full, written[n].cpu()
                 continue
             qdata, scale = quantize_weight(layer[n], scheme)
-            stem = full.removesuffix(".weight")
+            linear = n.removesuffix(".weight")
+            written[f"{linear}.qdata"], written[f"{linear}.scale"] = qdata, scale
+            stem = f"layers.{i}.{linear}"
             point = reads[n]
             if point in lstats.sample:
                 # factors[WO_IN] is over wo's input [n_heads*hd], as the wo_in sample rows are
@@ -143,35 +163,89 @@ def quantized_stream(src: ModelSource, shapes, dtype, scheme, stats, opts: Quant
                                               scheme)
             yield f"{stem}.qdata", qdata.cpu()
             yield f"{stem}.scale", scale.cpu()
+        if check is not None:
+            check.layer(original, written, scheme)
         for p in POINTS:  # the samples of a written layer are no longer needed
             stats.samples.pop(f"layers.{i}.{p}", None)
-        del layer, lstats, factors
+        del layer, original, written, lstats, factors
         worst = min((r["sqnr_db"] for k, r in report.items() if k.startswith(f"layers.{i}.") and r["sqnr_db"]),
                     default=None)
+        held_out = check.per_layer[-1]["sqnr_db"] if check is not None else None
         log(f"layer {i}: alpha {alphas[-1] if alphas else 'none'}"
-            + (f", worst SQNR {worst:.1f} dB" if worst is not None else ""))
+            + (f", worst SQNR {worst:.1f} dB" if worst is not None else "")
+            + (f", check hidden-state SQNR {held_out:.1f} dB" if held_out is not None else ""))
     for name in ("norm.weight", "output.weight"):
         check_shape(src, name, glob[name], shapes[name])
-        yield name, glob[name].to(dtype)
+    norm, output = glob["norm.weight"].to(dtype), glob["output.weight"].to(dtype)
+    if check is not None:
+        check.finish(glob["norm.weight"], glob["output.weight"], norm, output)
+    yield "norm.weight", norm
+    yield "output.weight", output
 
 
-def calibrate_source(src: ModelSource, tmp: Path, tok, tok_file: str, opts: QuantOptions, log):
+def calibration_items(tmp: Path, tok, tok_file: str, opts: QuantOptions) -> tuple[list[Item], str, Tokenizer]:
+    """The items of --calib-data (calibration and the check draw from them), their source, and the
+    artifact's tokenizer."""
     items, source = load_items(opts.calib_data)
-    tokenizer = Tokenizer(tok.kind, tmp / tok_file, tok.bos_id, tok.eos_id)
+    return items, source, Tokenizer(tok.kind, tmp / tok_file, tok.bos_id, tok.eos_id)
+
+
+def calibrate_source(src: ModelSource, items: list[Item], source: str, tokenizer: Tokenizer, add_bos: bool,
+                     opts: QuantOptions, log) -> CalibrationStats:
     n = min(opts.calib_items, len(items))
     device = compute_device(opts)
     log(f"calibrating on {n} HellaSwag items of {source} (seed {opts.calib_seed}) on {device}")
     try:
-        stats = calibrate(src, items, tokenizer, tok.add_bos, n_items=n, seed=opts.calib_seed, device=device,
+        stats = calibrate(src, items, tokenizer, add_bos, n_items=n, seed=opts.calib_seed, device=device,
                           split="validation", data=source, sample_rows=opts.sample_rows,
                           batch_tokens=opts.batch_tokens)
     except ValueError as e:
         raise HscError(f"calibration: {e}") from None
-    return stats, source
+    return stats
+
+
+def start_check(src: ModelSource, items: list[Item], source: str, tokenizer: Tokenizer, add_bos: bool,
+                calibrated: list[int], dtype: torch.dtype, opts: QuantOptions, log) -> QuantCheck | None:
+    """The check's items and streams (None: --check-items 0, or no item left after calibration).
+    On the CPU the quantized path computes in fp32 (a GPU dtype would be slow and emulated there);
+    on CUDA in the plan's compute dtype `dtype`, as the artifact runs."""
+    if opts.check_items == 0:
+        return None
+    chosen = draw_check_items(items, set(calibrated), opts.check_items, opts.calib_seed)
+    if not chosen:
+        if opts.max_drop is not None:
+            raise HscError(f"--max-drop: no item of {source} is left for the check after the {len(calibrated)} "
+                           "calibration items (use fewer --calib-items)")
+        log(f"check: skipped, every item of {source} was a calibration item")
+        return None
+    device = compute_device(opts)
+    check_dtype = torch.float32 if device.type == "cpu" else dtype
+    fewer = f" (of {opts.check_items} asked: no more left after calibration)" if len(chosen) < opts.check_items else ""
+    log(f"check: {len(chosen)} held-out items{fewer} of {source} (seed {opts.calib_seed}, disjoint from calibration), "
+        f"float fp32 vs quantized {str(check_dtype).removeprefix('torch.')} on {device}")
+    return QuantCheck(src.args, chosen, tokenizer, add_bos, device=device, dtype=check_dtype,
+                      batch_tokens=opts.batch_tokens, source=source)
+
+
+def finish_check(check: QuantCheck | None, opts: QuantOptions, precision: str, log) -> dict | None:
+    """Compare the two models on the check items, log it, and apply --max-drop (HscError: the caller
+    has not renamed anything into place yet, so nothing is written)."""
+    if check is None:
+        return None
+    result = {
+        "items": len(check.items), "item_ids": [it.index for it in check.items], "source": check.source,
+        "seed": opts.calib_seed, "reference": "original (unsmoothed) float model, fp32",
+        "quantized": check.describe(),
+        **compare(check.items, check.float_ll, check.quant_ll, max_drop=opts.max_drop, seed=opts.calib_seed),
+        "per_layer": check.per_layer,  # quantized vs float hidden states after each layer (real tokens)
+    }
+    log(f"check: {check_summary(result)}")
+    enforce_max_drop(result, precision)
+    return result
 
 
 def quant_manifest_fields(plan, scheme, stats, calib_source: str, opts: QuantOptions, alphas: list, report: dict,
-                          calib_path: Path, add_bos: bool) -> dict:
+                          calib_path: Path, add_bos: bool, check: dict | None = None) -> dict:
     """The manifest's quantization fields: scheme, calibration provenance, alphas, error report."""
     return dict(
         compute_dtype=PRECISION_DTYPES[plan.compute],
@@ -184,5 +258,6 @@ def quant_manifest_fields(plan, scheme, stats, calib_source: str, opts: QuantOpt
         },
         smoothing={"alpha": opts.alpha, "per_layer": alphas} if opts.smooth else None,
         quant_report={"reference": "float (smoothed) linear, fp64, on the calibration sample rows",
-                      "sample_rows": stats.info.get("sample_rows"), "per_linear": report},
+                      "sample_rows": stats.info.get("sample_rows"), "per_linear": report,
+                      "check": check},
     )
