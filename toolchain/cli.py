@@ -135,7 +135,8 @@ def run_cmd(artifact, data, limit, output, bos, device, batch_tokens, engine, co
 @cli.command("bench")
 @click.option("--shape", type=click.Choice(["llama-30b", "llama-7b", "smollm2-135m"]), default="llama-30b",
               show_default=True)
-@click.option("--precision", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True)
+@click.option("--precision", type=click.Choice(["bf16", "fp16", "fp32", "fp8", "int8", "w8"]), default="bf16",
+              show_default=True, help="fp8/int8/w8: the seven block linears quantized, the rest bf16")
 @click.option("--gpus", type=int, default=1, show_default=True, help="data-parallel replicas, one per GPU")
 @click.option("--layers", type=int, default=None, help="use fewer layers than the shape has")
 @click.option("--limit", type=int, default=None, help="score only the first N items")
