@@ -61,9 +61,15 @@ def test_half_split_rope_changes_nothing(n_kv_heads, scheme):
     tokens = torch.randint(0, args.vocab_size, (2, 20))
     with torch.no_grad():
         a, b = models[0](tokens), models[1](tokens)
-    torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
-    with torch.no_grad():  # a second call is a no-op, not a second permutation
-        torch.testing.assert_close(models[1].use_half_split_rope()(tokens), a, atol=1e-5, rtol=1e-5)
+        again = models[1].use_half_split_rope()(tokens)  # a second call is a no-op, not a second permutation
+    if scheme is None:
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    else:
+        # Per-token activation quantization: a value that fp32 rounding moves across a rounding tie
+        # lands one quantization step away, so rare elements differ by about a step; most agree.
+        assert (b - a).abs().max() < 0.05
+        assert ((b - a).abs() < 1e-4).float().mean() > 0.98
+    torch.testing.assert_close(again, b, atol=0, rtol=0)
 
 
 def test_tp_mismatch_refused():

