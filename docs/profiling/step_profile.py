@@ -1,0 +1,91 @@
+"""Where does the 30B step spend its time: a torch.profiler kernel table of a 4-layer LLaMA-30B-shape step at
+the full-set batch shape, then attention / RoPE / SwiGLU microbenchmarks (docs/benchmarks.md, 2026-11-29).
+Run on a GPU machine from the repository root: PYTHONPATH=. python3 docs/profiling/step_profile.py bf16 fp8"""
+import sys
+
+import torch, torch.nn.functional as F
+from dataclasses import replace
+sys.path.insert(0, ".")
+from runtime.bench import SHAPES, random_model
+from runtime.hellaswag import load_items
+from runtime.tokenizer import Tokenizer
+from runtime.scoring import build_requests
+from runtime.packed import PackedScorer, attention_mask
+import runtime.packed as P
+from runtime.model import apply_rope
+from torch.profiler import profile, ProfilerActivity
+from torch.nn.attention import sdpa_kernel, SDPBackend
+
+dev = torch.device("cuda")
+torch.backends.cuda.matmul.allow_tf32 = True
+items, _ = load_items("shared/data/hellaswag_val_full.txt.bz2")
+tok = Tokenizer("sentencepiece", "shared/data/llama-tokenizer.model", None, None)
+reqs = build_requests(items, tok, add_bos=True)[:4 * 1500]
+def bench(fn, n=20):
+    for _ in range(3): fn()
+    torch.cuda.synchronize(); ts = []
+    for _ in range(n):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record(); fn(); e.record(); torch.cuda.synchronize(); ts.append(s.elapsed_time(e))
+    return sorted(ts)[n // 2]
+rows = []
+args4 = replace(SHAPES["llama-30b"], n_layers=4)
+for prec in sys.argv[1:]:
+    torch._dynamo.reset()
+    model = random_model(args4, torch.bfloat16, dev, scheme=None if prec == "bf16" else prec)
+    sc = PackedScorer(model, dev, row_len=448, rows_per_batch=36)
+    bt = sc.prepare(reqs)
+    step = torch.compile(lambda *a: P.packed_step(model, *a), fullgraph=True, dynamic=False)
+    a0 = (bt.tokens[0], bt.positions[0], bt.subtree_end[0], bt.target_index[0], bt.target_ids[0])
+    with torch.inference_mode():
+        for _ in range(3): step(*a0)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5): step(*a0)
+            torch.cuda.synchronize()
+    print(f"=== {prec}: per step (5 steps, 4 layers)")
+    ka = sorted(prof.key_averages(), key=lambda k: -k.device_time_total)
+    tot = sum(k.device_time_total for k in ka)
+    for k in ka[:22]:
+        print(f"{k.device_time_total/5/1e3:8.3f} ms/step {k.count//5:4d}x  {100*k.device_time_total/tot:5.1f}%  {k.key[:110]}")
+    del model, sc, step
+    torch.cuda.empty_cache()
+
+# microbenchmarks at the full-set shape
+B, T, H, D = 36, 448, 52, 128
+sc = PackedScorer(None, dev, row_len=448, rows_per_batch=36)
+bt = sc.prepare(reqs)
+end = bt.subtree_end[1]; pos = bt.positions[1]
+from runtime.model import rope_tables
+cos, sin = rope_tables(D, 4096, 10000.0); cos, sin = cos.to(dev)[pos], sin.to(dev)[pos]
+x = torch.randn(B, T, H, D, device=dev, dtype=torch.bfloat16)
+r1 = torch.compile(lambda x: apply_rope(x, cos, sin))
+rows.append(("rope interleaved, compiled, [B,T,H,D]->same", bench(lambda: r1(x))))
+r1t = torch.compile(lambda x: apply_rope(x, cos, sin).transpose(1, 2).contiguous())
+rows.append(("rope interleaved + transpose to [B,H,T,D]", bench(lambda: r1t(x))))
+def rope_half(x, cos, sin):
+    xf = x.float(); x0, x1 = xf[..., :D // 2], xf[..., D // 2:]
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    return torch.cat((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).type_as(x)
+r2 = torch.compile(lambda x: rope_half(x, cos, sin))
+rows.append(("rope half-split, compiled", bench(lambda: r2(x))))
+rows.append(("copy of q (read+write)", bench(lambda: x.clone())))
+q = torch.randn(B, H, T, D, device=dev, dtype=torch.bfloat16); k = torch.randn_like(q); v = torch.randn_like(q)
+m = attention_mask(end); fm = attention_mask(end, torch.bfloat16)
+for name, be in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+    for mn, mm in (("bool", m), ("bf16", fm)):
+        try:
+            with sdpa_kernel(be):
+                rows.append((f"sdpa {name} {mn} mask", bench(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mm))))
+        except Exception as e:
+            rows.append((f"sdpa {name} {mn} mask FAILED {str(e)[:80]}", 0))
+qt = torch.randn(B, T, H, D, device=dev, dtype=torch.bfloat16).transpose(1, 2)
+with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+    rows.append(("sdpa cudnn bool mask, q as transposed view", bench(lambda: F.scaled_dot_product_attention(qt, qt, qt, attn_mask=m))))
+rows.append(("flash causal (lower bound)", bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))))
+rows.append(("mask build", bench(lambda: attention_mask(end))))
+h = torch.randn(B * T, 17920, device=dev, dtype=torch.bfloat16)
+sm = torch.compile(lambda a, b: F.silu(a) * b)
+rows.append(("silu*mul [16128,17920]", bench(lambda: sm(h, h))))
+print("\n| what | ms |\n|---|---|")
+for r in rows: print(f"| {r[0]} | {r[1]:.3f} |")
