@@ -154,6 +154,19 @@ class BenchConfig:
     baseline_items: int | None = None  # items for the baseline (and a same-items hsc timing); default all
 
 
+@dataclass(frozen=True)
+class WorkerResult:
+    """What one GPU's worker process reports back (through a queue, so plain picklable values)."""
+
+    rank: int
+    scoring_s: float
+    warmup_s: float
+    tokens: int  # real (non-padding) tokens this rank scored
+    peak_memory: int  # bytes, torch.cuda.max_memory_allocated during scoring
+    batch_shape: list[int]  # [rows, row_len, targets]
+    same_items_s: float | None  # rank 0 with --baseline-items: hsc on exactly the baseline's items
+
+
 def _worker(rank: int, cfg: BenchConfig, requests: list[Request], args: ModelArgs, port: int, queue):
     import os
 
@@ -193,8 +206,8 @@ def _worker(rank: int, cfg: BenchConfig, requests: list[Request], args: ModelArg
         scorer.score(sub)
         torch.cuda.synchronize()
         same_items_s = time.perf_counter() - t1
-    queue.put((rank, seconds, warm, sum(batches.real_tokens), torch.cuda.max_memory_allocated(device),
-               list(batches.shape), same_items_s))
+    queue.put(WorkerResult(rank, seconds, warm, sum(batches.real_tokens), torch.cuda.max_memory_allocated(device),
+                           list(batches.shape), same_items_s))
     if cfg.gpus > 1:
         dist.destroy_process_group()
 
@@ -220,20 +233,20 @@ def run_bench(cfg: BenchConfig, items: list[Item], tokenizer, echo=print) -> dic
     procs = [ctx.Process(target=_worker, args=(r, cfg, requests, args, port, queue)) for r in range(cfg.gpus)]
     for p in procs:
         p.start()
-    results = sorted(queue.get() for _ in procs)
+    results = sorted((queue.get() for _ in procs), key=lambda r: r.rank)
     for p in procs:
         p.join()
-    seconds = max(r[1] for r in results)
-    tokens = sum(r[3] for r in results)
+    seconds = max(r.scoring_s for r in results)
+    tokens = sum(r.tokens for r in results)
     dtype = compute_dtype(cfg.precision)
     rate = gemm_rate(cfg.precision, cfg.batch_tokens, args.dim, args.ffn_dim, "cuda")
     n_targets = sum(len(r.continuation) for r in requests)
-    model_flops = tokens * flops_per_token(args, results[0][5][1] / 2) + 2 * args.dim * args.vocab_size * n_targets
+    model_flops = tokens * flops_per_token(args, results[0].batch_shape[1] / 2) + 2 * args.dim * args.vocab_size * n_targets
     out = {
         "shape": cfg.shape, "layers": args.n_layers, "precision": cfg.precision, "gpus": cfg.gpus,
         "items": len(items), "tokens": tokens, "scoring_s": round(seconds, 3),
-        "warmup_s": round(max(r[2] for r in results), 1), "tokens_per_s": round(tokens / seconds),
-        "batch_shape": results[0][5], "peak_gpu_memory_gb": round(max(r[4] for r in results) / 1e9, 2),
+        "warmup_s": round(max(r.warmup_s for r in results), 1), "tokens_per_s": round(tokens / seconds),
+        "batch_shape": results[0].batch_shape, "peak_gpu_memory_gb": round(max(r.peak_memory for r in results) / 1e9, 2),
         "gemm_tflops_measured": round(rate / 1e12, 1),
         "achieved_tflops": round(model_flops / seconds / 1e12, 1),
         "fraction_of_gemm_rate": round(model_flops / seconds / (rate * cfg.gpus), 3),  # per GPU
@@ -244,7 +257,8 @@ def run_bench(cfg: BenchConfig, items: list[Item], tokenizer, echo=print) -> dic
         n = cfg.baseline_items or len(items)
         out["baseline_items"] = n
         out["baseline_hf_s"] = round(hf_baseline(args, dtype, requests[: 4 * n], torch.device("cuda", 0)), 2)
-        out["hsc_same_items_s"] = round(results[0][6], 3) if results[0][6] is not None else out["scoring_s"]
+        same = results[0].same_items_s
+        out["hsc_same_items_s"] = round(same, 3) if same is not None else out["scoring_s"]
         out["speedup_vs_hf"] = round(out["baseline_hf_s"] / out["hsc_same_items_s"], 2)
     echo(" ".join(f"{k}={v}" for k, v in out.items()))
     return out

@@ -194,12 +194,14 @@ def _first_fit(lengths: list[int], row_len: int) -> list[list[int]]:
 
 
 def pack(segments: list[Segment], row_len: int, rows_per_batch: int, target_multiple: int = 256,
-         n_targets: int | None = None) -> Batches:
-    """n_targets: pad every batch's target list to exactly this many (to reuse a compiled shape)."""
+         n_targets: int | None = None, rows: list[list[int]] | None = None) -> Batches:
+    """n_targets: pad every batch's target list to exactly this many (to reuse a compiled shape).
+    rows: the first-fit rows of these segments at row_len, if the caller has them already."""
     too_long = max(len(s.tokens) for s in segments)
     if too_long > row_len:
         raise ValueError(f"an item needs {too_long} tokens, more than the row length {row_len}")
-    rows = _first_fit([len(s.tokens) for s in segments], row_len)
+    if rows is None:
+        rows = _first_fit([len(s.tokens) for s in segments], row_len)
     n_batches = math.ceil(len(rows) / rows_per_batch)
     B, T = rows_per_batch, row_len
     shape = (n_batches, B, T)
@@ -281,13 +283,13 @@ class PackedScorer:
         segments = make_segments(requests)
         if self.row_len is None:
             self.row_len = choose_row_len(segments, self.batch_tokens)
+        rows = _first_fit([len(s.tokens) for s in segments], self.row_len)
         if self.rows_per_batch is None:
             self.rows_per_batch = max(1, self.batch_tokens // self.row_len)
             if not self.compiled:  # eager: no graph to reuse, so do not pad a short run to a full batch
-                n_rows = len(_first_fit([len(s.tokens) for s in segments], self.row_len))
-                self.rows_per_batch = min(self.rows_per_batch, n_rows)
+                self.rows_per_batch = min(self.rows_per_batch, len(rows))
         batches = pack(segments, self.row_len, self.rows_per_batch,
-                       n_targets=like.target_index.shape[1] if like is not None else None)
+                       n_targets=like.target_index.shape[1] if like is not None else None, rows=rows)
         self.n_requests = len(requests)
         for name in ("tokens", "positions", "subtree_end", "target_index", "target_ids"):
             setattr(batches, name, getattr(batches, name).to(self.device))
