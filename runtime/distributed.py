@@ -35,7 +35,20 @@ GIB = 1 << 30
 
 # What a GPU must support to run weights stored in a precision (fp8 is listed for the planner's
 # future fp8 targets). fp32 and fp16 run on every GPU torch supports.
-PRECISION_MIN_CC: dict[str, tuple[int, int]] = {"bf16": (8, 0), "fp8": (8, 9)}
+# The oldest GPU that runs each stored precision's arithmetic: bf16 and int8 (torch._int_mm) tensor
+# cores from Ampere, e4m3 (torch._scaled_mm) from Ada/Hopper. A quantized artifact also needs what its
+# compute dtype needs (an int8 artifact computes the rest in bf16 on the h200 targets).
+PRECISION_MIN_CC: dict[str, tuple[int, int]] = {"bf16": (8, 0), "int8": (8, 0), "fp8": (8, 9)}
+DTYPE_MIN_CC: dict[str, tuple[int, int]] = {"bfloat16": (8, 0)}
+
+
+def required_cc(manifest: Manifest) -> tuple[tuple[int, int], str] | None:
+    """(oldest compute capability that runs the artifact, what needs it), or None: any CUDA GPU."""
+    wants = [(PRECISION_MIN_CC.get(manifest.precision), f"{manifest.precision} weights need")]
+    if manifest.compute_dtype is not None:
+        wants.append((DTYPE_MIN_CC.get(manifest.compute_dtype), f"{manifest.compute_dtype} compute needs"))
+    wants = [(cc, why) for cc, why in wants if cc is not None]
+    return max(wants) if wants else None
 
 # Memory a rank needs beyond its weights file: the file's bytes * WEIGHT_OVERHEAD (allocator
 # rounding, the fp32 LM-head copy of small models) + ACTIVATION_MARGIN (CUDA context, activations).
@@ -161,7 +174,7 @@ def check_machine(manifest: Manifest, device: torch.device, artifact, gpus_neede
     shard = max(shards, key=lambda s: s.bytes)
     need = shard.bytes * WEIGHT_OVERHEAD + ACTIVATION_MARGIN_BYTES
     info = manifest.target_info or {}
-    want_cc = PRECISION_MIN_CC.get(manifest.precision)
+    want = required_cc(manifest)
     target_gpu = str(info.get("gpu") or "")
     target_cc = _cc(info.get("compute_capability"))
     for i in indices:
@@ -171,10 +184,10 @@ def check_machine(manifest: Manifest, device: torch.device, artifact, gpus_neede
             raise HscError(f"{artifact}: {shard.file} needs about {need / GIB:.1f} GiB per GPU "
                            f"({shard.bytes / GIB:.2f} GiB of weights x {WEIGHT_OVERHEAD} + "
                            f"{ACTIVATION_MARGIN_BYTES / GIB:.0f} GiB), GPU {i} ({name}) has {total / GIB:.1f} GiB")
-        if want_cc is not None and cc < want_cc:
-            raise HscError(f"{artifact}: {manifest.precision} weights need compute capability "
-                           f"{_cc_text(want_cc)} or newer; GPU {i} ({name}) is {_cc_text(cc)} "
-                           f"(compile for this machine's target, e.g. --precision fp16)")
+        if want is not None and cc < want[0]:
+            raise HscError(f"{artifact}: {want[1]} compute capability "
+                           f"{_cc_text(want[0])} or newer; GPU {i} ({name}) is {_cc_text(cc)} "
+                           f"(compile for this machine's target, e.g. --precision fp16 or w8)")
     if local_rank == 0 and target_gpu:
         props = torch.cuda.get_device_properties(indices[0])
         model_name = target_gpu.split()[0].upper()  # "H200 141GB" -> "H200"

@@ -324,6 +324,26 @@ def test_compute_capability_below_the_precision_is_refused(bf16_art, built, hsc,
     assert [line for line in err.splitlines() if line.startswith("hsc: error: ")] == err.splitlines()[-1:]
 
 
+@pytest.mark.parametrize("precision, compute, gpu_cc, refused", [
+    ("int8", "bfloat16", (7, 5), "int8 weights need compute capability sm_80"),
+    ("fp8", "bfloat16", (8, 0), "fp8 weights need compute capability sm_89"),
+    ("w8", "bfloat16", (7, 0), "bfloat16 compute needs compute capability sm_80"),
+    ("w8", "float16", (7, 0), None),
+    ("fp16", None, (7, 0), None),
+])
+def test_required_compute_capability(bf16_art, monkeypatch, precision, compute, gpu_cc, refused):
+    """The stored precision and the compute dtype each set a floor; the higher one is checked."""
+    import dataclasses
+
+    m = dataclasses.replace(load_manifest(bf16_art), precision=precision, compute_dtype=compute)
+    fake_gpus(monkeypatch, 1, "Some GPU", gpu_cc, 141)
+    if refused is None:
+        distributed.check_machine(m, torch.device("cuda", 0), bf16_art, 1, warn=lambda *_: None)
+    else:
+        with pytest.raises(HscError, match=refused):
+            distributed.check_machine(m, torch.device("cuda", 0), bf16_art, 1, warn=lambda *_: None)
+
+
 def test_other_gpu_than_the_target_warns_and_continues(built, tmp_path, monkeypatch):
     """A v100x4 artifact (fp16, TP=4) on four H200s: one warning line, no refusal."""
     art = tmp_path / "v100"
