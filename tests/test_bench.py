@@ -1,0 +1,39 @@
+"""hsc bench's CPU-side pieces: the baseline's item sample, FLOP counting, random quantized models."""
+
+import pytest
+import torch
+
+from runtime.bench import SHAPES, baseline_sample, flops_per_token, random_model
+from runtime.config import ModelArgs
+
+
+def test_baseline_sample_spreads_over_the_set():
+    s = baseline_sample(10042, 1000)
+    assert len(s) == len(set(s)) == 1000 and s == sorted(s)
+    assert s[0] == 0 and s[-1] >= 10042 - 11  # reaches the end of the set, not just its start
+    assert baseline_sample(10, None) == baseline_sample(10, 10) == baseline_sample(10, 50) == list(range(10))
+
+
+def test_flops_per_token_llama_30b():
+    # 2 x 32.5 B parameters in the blocks' linears, about 64 GFLOP a token, plus attention.
+    args = SHAPES["llama-30b"]
+    body = flops_per_token(args, context=0)
+    assert body == pytest.approx(2 * 60 * (4 * 6656 ** 2 + 3 * 6656 * 17920), rel=0)
+    assert 63e9 < body < 65e9
+    assert flops_per_token(args, context=100) - body == 60 * 4 * 100 * 6656
+
+
+@pytest.mark.parametrize("scheme", ["int8", "fp8", "w8"])
+def test_random_quantized_model_tracks_its_float_weights(scheme):
+    """The quantized random model is quantized from exactly the float model's weights."""
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=100, hidden_dim=128)
+    ref = random_model(args, torch.float32, "cpu", seed=3)
+    q = random_model(args, torch.float32, "cpu", seed=3, scheme=scheme)
+    tokens = torch.randint(0, 100, (2, 16))
+    with torch.no_grad():
+        a, b = ref(tokens), q(tokens)
+    rel = ((a - b).norm() / a.norm()).item()
+    # e4m3 keeps 3 mantissa bits (~2% rms per product), int8 per-row ~0.5%; another seed's model is ~140% off.
+    assert 0 < rel < {"fp8": 0.25, "int8": 0.05, "w8": 0.05}[scheme], rel
+    lin = q.layers[1].feed_forward.w2
+    assert lin.qdata.dtype == {"int8": torch.int8, "w8": torch.int8, "fp8": torch.float8_e4m3fn}[scheme]
