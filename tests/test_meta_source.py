@@ -221,3 +221,25 @@ def test_no_shards(tmp_path):
     write_tiny_meta_checkpoint(tmp_path, ARGS, 1, seed=0)
     (tmp_path / "consolidated.00.pth").unlink()
     assert open_error(tmp_path).startswith(f"{tmp_path}: no consolidated")
+
+
+def _mapped(path) -> list[str]:
+    """Lines of /proc/self/maps that map a file under `path`."""
+    return [line for line in open("/proc/self/maps") if str(path) in line]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux /proc")
+def test_reads_leave_no_shard_mapped(tmp_path):
+    """Pages read through a mapping stay in the process while it lives: a reader that kept its shards
+    mapped would grow to the checkpoint's size over a compile. Every read opens the shards, copies out
+    and unmaps them; the tensors it returned stay valid."""
+    truth = write_tiny_meta_checkpoint(tmp_path / "ckpt", ARGS, 4, seed=3)
+    with MetaSource(tmp_path / "ckpt") as src:
+        assert _mapped(tmp_path / "ckpt") == []  # the layout check's mappings are gone too
+        got = {}
+        for i in range(ARGS.n_layers):
+            got.update({f"layers.{i}.{n}": t for n, t in src.layer_tensors(i).items()})
+            assert _mapped(tmp_path / "ckpt") == [], f"layer {i}"
+        got.update(src.global_tensors())
+        assert _mapped(tmp_path / "ckpt") == []
+    assert_same(got, truth)  # replicated norms included: copies, not views of an unmapped shard

@@ -5,6 +5,12 @@ model-parallel rank, each holding a slice of every split tensor), usually checkl
 sentencepiece tokenizer.model here or in the parent directory (LLaMA-1 keeps one tokenizer beside
 all model sizes). Shards are memory-mapped, so a tensor is only read from disk when a layer asks
 for it, and merged back to full shape then.
+
+Host memory stays near one layer: every page of a mapping that has been read stays in the
+process (resident, file-backed) for as long as the mapping lives, so mappings kept for the whole
+compile would grow to the checkpoint's size (65 GB at 30B) over the compiler's two passes. Each
+read therefore opens the shards afresh (torch.load with mmap only unpickles the metadata: a few
+milliseconds), copies the tensors it was asked for out of them, and drops the mappings.
 """
 
 from __future__ import annotations
@@ -71,21 +77,20 @@ class MetaSource(ModelSource):
         self._shard_paths = self._find_shards()
         # Hash before unpickling: a damaged download is better reported as an MD5 mismatch.
         self.source_digests = self._hash_and_verify(tok_file)
-        self._shards = [_load_shard(p) for p in self._shard_paths]
-        self._axes = self._check_layout()
+        # Keys, shapes and dtypes of every shard, checked up front (metadata only: nothing is read).
+        self._axes = self._check_layout(self._open_shards())
 
     # ---- ModelSource ----
 
     def global_tensors(self) -> dict[str, torch.Tensor]:
-        return {name: self._merged(name) for name in global_shapes(self.args)}
+        return self._read(list(global_shapes(self.args)))
 
     def layer_tensors(self, i: int) -> dict[str, torch.Tensor]:
         if not 0 <= i < self.args.n_layers:
             raise IndexError(f"layer {i} out of range (n_layers={self.args.n_layers})")
-        return {name: self._merged(f"layers.{i}.{name}") for name in layer_shapes(self.args)}
-
-    def close(self) -> None:
-        self._shards = []  # drops the memory maps
+        names = list(layer_shapes(self.args))
+        merged = self._read([f"layers.{i}.{name}" for name in names])
+        return dict(zip(names, merged.values()))
 
     # ---- opening ----
 
@@ -150,12 +155,15 @@ class MetaSource(ModelSource):
                 digests[f.name] = got["sha256"]
         return digests
 
-    def _check_layout(self) -> dict[str, int | None]:
+    def _open_shards(self) -> list[dict]:
+        return [_load_shard(p) for p in self._shard_paths]
+
+    def _check_layout(self, shards: list[dict]) -> dict[str, int | None]:
         """Check keys and shapes of every shard up front (shapes need no reads with mmap), and
         return the merge axis of every tensor."""
         names = weight_names(self.args)
         wanted = set(names)
-        for path, sd in zip(self._shard_paths, self._shards):
+        for path, sd in zip(self._shard_paths, shards):
             for name in names:
                 if name not in sd:
                     raise file_error(path, f"missing tensor {name}")
@@ -172,12 +180,12 @@ class MetaSource(ModelSource):
         for i in range(self.args.n_layers):
             expected.update({f"layers.{i}.{n}": s for n, s in layer_shapes(self.args).items()})
 
-        n = len(self._shards)
+        n = len(shards)
         first_path = self._shard_paths[0]
         axes = {}
         for name in names:
-            first = self._shards[0][name]
-            for path, sd in zip(self._shard_paths[1:], self._shards[1:]):
+            first = shards[0][name]
+            for path, sd in zip(self._shard_paths[1:], shards[1:]):
                 t = sd[name]
                 if t.shape != first.shape or t.dtype != first.dtype:
                     raise file_error(
@@ -185,7 +193,7 @@ class MetaSource(ModelSource):
                         f"{name} is {_desc(t)} but {first_path.name} has {_desc(first)};"
                         " model-parallel shards must hold equal slices",
                     )
-            axis = self._split_axis(name, first)
+            axis = self._split_axis(name, first, n)
             merged = list(first.shape)
             if axis is not None and axis < len(merged):
                 merged[axis] *= n
@@ -198,24 +206,29 @@ class MetaSource(ModelSource):
             axes[name] = axis if n > 1 else None
         return axes
 
-    def _split_axis(self, name: str, shard: torch.Tensor) -> int | None:
+    def _split_axis(self, name: str, shard: torch.Tensor, n: int) -> int | None:
         base = re.sub(r"^layers\.\d+\.", "", name)
         if base != "tok_embeddings.weight":
             return SPLIT_AXIS[base]
         # LLaMA-3's VocabParallelEmbedding splits rows; LLaMA-1/2's ParallelEmbedding splits columns.
-        n = len(self._shards)
         if n > 1 and shard.ndim == 2 and shard.shape[0] * n == self.args.vocab_size and shard.shape[1] == self.args.dim:
             return 0
         return 1
 
     # ---- reading ----
 
-    def _merged(self, name: str) -> torch.Tensor:
-        parts = [sd[name] for sd in self._shards]
-        axis = self._axes[name]
-        # Replicated (or single-shard) tensors stay memory-mapped until the caller reads them;
-        # split ones are concatenated, which reads just this tensor's slices.
-        return parts[0] if axis is None else torch.cat(parts, dim=axis)
+    def _read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The named tensors at full shape, copied out of freshly opened shard mappings, which are
+        dropped on return: what was read leaves the process with them (module docstring)."""
+        shards = self._open_shards()
+        out = {}
+        for name in names:
+            parts = [sd[name] for sd in shards]
+            axis = self._axes[name]
+            # cat reads just this tensor's slices; a replicated (or single-shard) tensor is cloned,
+            # since a view would keep its whole shard mapped.
+            out[name] = parts[0].clone() if axis is None else torch.cat(parts, dim=axis)
+        return out
 
 
 def _desc(t: torch.Tensor) -> str:
