@@ -102,6 +102,10 @@ def test_int8_artifact_contents_manifest_and_verify(hsc, work):
     with safe_open(art / "calibration.safetensors", "pt") as f:
         assert not any(k.startswith("sample.") for k in f.keys()) and "layers.0.attention.wqkv_in" in f.keys()
 
+    # Calibration's sample rows waited for pass 2 in the temporary directory; none is left in the artifact.
+    assert sorted(p.name for p in art.iterdir()) == ["calibration.safetensors", "manifest.json", "rank0.safetensors",
+                                                     "tokenizer.model"]
+
     code, out, err = hsc("inspect", art, "--verify")
     assert code == 0, err
     assert "verified   3 files" in out and "quantized  int8" in out and "quant err  layer 1" in out

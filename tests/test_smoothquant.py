@@ -331,6 +331,37 @@ def test_calibrate_holdout_items_give_samples_only(tiny_checkpoint):
     assert prefixes(seqs) <= stats.info["sample_rows"] <= sum(prefixes(seqs[k:k + 4]) for k in range(0, len(seqs), 4))
 
 
+def test_calibration_samples_spill_to_a_file_a_layer(tiny_checkpoint, tmp_path):
+    """With spill_dir, no layer's samples stay in memory: each layer's go to a file as the layer is done,
+    layer(i) reads back exactly what was recorded, drop_layer(i) deletes it."""
+    path, _, items, tok = tiny_checkpoint
+    kw = dict(add_bos=True, n_items=8, seed=2, batch_tokens=1024, sample_rows=64)
+    spill = tmp_path / "spill"
+    with MetaSource(path) as src:
+        kept = calibrate(src, items, tok, **kw)
+        files_after = []
+        spilled = calibrate(src, items, tok, **kw, spill_dir=spill,
+                            progress=lambda done, n: files_after.append(sorted(p.name for p in spill.iterdir())))
+        n_layers = src.args.n_layers
+    names = [f"samples.layers.{i}.safetensors" for i in range(n_layers)]
+    assert files_after == [names[:k] for k in range(1, n_layers + 1)]  # written layer by layer
+    assert spilled.samples == {} and kept.samples and spilled.info == kept.info
+    assert spilled.info["sample_rows"] == 64
+    for i in range(n_layers):
+        a, b = kept.layer(i), spilled.layer(i)
+        assert set(b.sample) == set(sq.POINTS) == set(a.sample)
+        assert all(torch.equal(a.sample[p], b.sample[p]) for p in sq.POINTS)
+        assert all(torch.equal(a.absmax[p], b.absmax[p]) for p in sq.POINTS)
+    spilled.save(tmp_path / "full.safetensors", with_samples=True)  # read back from the files
+    full = CalibrationStats.load(tmp_path / "full.safetensors")
+    assert set(full.samples) == set(kept.samples)
+    assert all(torch.equal(full.samples[k], v) for k, v in kept.samples.items())
+    spilled.drop_layer(0)
+    assert sorted(p.name for p in spill.iterdir()) == names[1:] and spilled.layer(0).sample == {}
+    kept.drop_layer(0)
+    assert not [k for k in kept.samples if k.startswith("layers.0.")] and kept.layer(1).sample
+
+
 def test_calibration_feeds_choose_alpha(tiny_checkpoint):
     """End to end on the tiny model: calibrate -> choose_alpha per layer -> smoothed layers keep the
     model's outputs (float64 reference)."""

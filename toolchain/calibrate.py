@@ -23,16 +23,19 @@ Memory, besides one layer's weights:
 - hidden states of every calibration position, on `device` in `dtype`, overwritten batch by
   batch: n_positions * dim * bytes(dtype) (512 HellaSwag items with LLaMA's tokenizer are about
   80k positions, padding included: 1.3 GB at dim 4096 in fp32, 2.6 GB at dim 8192);
-- the samples, on the host, accumulated over layers:
-  n_layers * sample_rows * (3 * dim + ffn_dim) * bytes(sample_dtype): 1024 fp32 rows are 95 MB a
-  layer at 7B (3.0 GB in all), 218 MB a layer at 70B (17 GB in all); bf16 halves it, and
-  sample_rows=0 turns sampling off.
+- the samples: sample_rows * (3 * dim + ffn_dim) * bytes(sample_dtype) a layer (512 fp32 rows: 48 MB
+  a layer at 7B, 77 MB at 30B, 109 MB at 70B; sample_rows=0 turns sampling off). Kept on the host
+  for every layer they would add up (4.6 GB at 30B, 6.9 GB at 70B), though the compiler's second pass
+  needs layer i's rows only at layer i; with `spill_dir` each layer's rows go to a file there as
+  soon as the layer is done (one safetensors file a layer), `CalibrationStats.layer(i)` reads them
+  back, and `drop_layer(i)` deletes them.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -70,12 +73,39 @@ class CalibrationStats:
     samples: dict[str, torch.Tensor] = field(default_factory=dict)  # [n, in], same tokens every layer
     holdout_indices: list[int] = field(default_factory=list)  # items that gave the samples, if held out
     info: dict = field(default_factory=dict)  # data, model, add_bos, dtype, token counts, packing
+    spill_dir: Path | None = None  # where calibrate(spill_dir=...) left each layer's samples (not in `samples`)
 
     def layer(self, i: int) -> LayerStats:
         """Layer i's statistics under the point names smoothquant uses."""
         pre = f"layers.{i}."
-        return LayerStats({p: self.absmax[pre + p] for p in POINTS},
-                          {p: self.samples[pre + p] for p in POINTS if pre + p in self.samples})
+        return LayerStats({p: self.absmax[pre + p] for p in POINTS}, self.layer_samples(i))
+
+    def layer_samples(self, i: int) -> dict[str, torch.Tensor]:
+        """Layer i's sample rows by point, from memory or read back from the spill file."""
+        pre = f"layers.{i}."
+        found = {p: self.samples[pre + p] for p in POINTS if pre + p in self.samples}
+        path = self.spill_path(i)
+        if path is not None and path.is_file():
+            from safetensors.torch import load_file
+
+            found.update(load_file(str(path)))
+        return found
+
+    def spill_path(self, i: int) -> Path | None:
+        return None if self.spill_dir is None else Path(self.spill_dir) / f"samples.layers.{i}.safetensors"
+
+    def drop_layer(self, i: int) -> None:
+        """Forget layer i's samples (the compiler is done with the layer)."""
+        for p in POINTS:
+            self.samples.pop(f"layers.{i}.{p}", None)
+        path = self.spill_path(i)
+        if path is not None:
+            path.unlink(missing_ok=True)
+
+    def all_samples(self) -> dict[str, torch.Tensor]:
+        """Every layer's samples under `layers.{i}.{point}`, spilled ones read back."""
+        n_layers = 1 + max((int(k.split(".")[1]) for k in self.absmax), default=-1)
+        return {f"layers.{i}.{p}": t for i in range(n_layers) for p, t in self.layer_samples(i).items()}
 
     def metadata(self) -> dict:
         return {"format": FORMAT, "format_version": FORMAT_VERSION, "split": self.split, "seed": self.seed,
@@ -88,7 +118,7 @@ class CalibrationStats:
 
         tensors = {k: v.float().contiguous() for k, v in self.absmax.items()}
         if with_samples:
-            tensors.update({_SAMPLE_PREFIX + k: v.contiguous() for k, v in self.samples.items()})
+            tensors.update({_SAMPLE_PREFIX + k: v.contiguous() for k, v in self.all_samples().items()})
         save_file(tensors, str(path), metadata={_METADATA_KEY: json.dumps(self.metadata(), sort_keys=True)})
 
     @classmethod
@@ -175,7 +205,7 @@ def _sample_plan(batches: Batches, n: int, gen: torch.Generator) -> list[torch.T
 def calibrate(src: ModelSource, items: list[Item], tokenizer, add_bos: bool, n_items: int = 512, seed: int = 0,
               device="cpu", dtype=torch.float32, *, split: str = "validation", data: str = "",
               sample_rows: int = 1024, sample_dtype=torch.float32, holdout_items: int = 0,
-              batch_tokens: int = 8192, progress=None) -> CalibrationStats:
+              batch_tokens: int = 8192, spill_dir: Path | None = None, progress=None) -> CalibrationStats:
     """Run the float model over `n_items` of `items` (a seeded permutation picks them) one layer
     at a time and record every linear input's per-channel abs-max (see the module docstring).
 
@@ -183,6 +213,7 @@ def calibrate(src: ModelSource, items: list[Item], tokenizer, add_bos: bool, n_i
     samples, never the maxima, so the alpha search is measured on tokens the factors were not
     computed from. Otherwise the samples are drawn from the calibration tokens.
     `data` describes where the items came from (a path, "datasets:..."); `split` names the split.
+    spill_dir: write each layer's samples to a file there instead of keeping them (module docstring).
     progress(layer, n_layers) is called after each layer."""
     args = src.args
     device = torch.device(device)
@@ -210,6 +241,11 @@ def calibrate(src: ModelSource, items: list[Item], tokenizer, add_bos: bool, n_i
 
     dim_of = {WQKV_IN: args.dim, WO_IN: args.n_heads * args.head_dim, W13_IN: args.dim, W2_IN: args.ffn_dim}
     absmax, samples = {}, {}
+    n_rows = 0
+    stats = CalibrationStats(absmax, [it.index for it in chosen], split, seed, samples, [it.index for it in held],
+                             spill_dir=spill_dir)
+    if spill_dir is not None:
+        Path(spill_dir).mkdir(parents=True, exist_ok=True)
     for i in range(args.n_layers):
         block = _build_block(args, src.layer_tensors(i), device, dtype)
         rec = _Recorder(block, dim_of, device, sample_dtype)
@@ -221,11 +257,17 @@ def calibrate(src: ModelSource, items: list[Item], tokenizer, add_bos: bool, n_i
                 rec.pick = picks[b].to(device) if (is_sample and picks is not None) else None
                 hidden[s_i][b] = block(hidden[s_i][b], cos_table[pos], sin_table[pos], attention_mask(end))
         rec.remove()
+        rows = {p: torch.cat(rec.rows[p]) for p in POINTS if rec.rows[p]}
         for p in POINTS:
             absmax[f"layers.{i}.{p}"] = rec.absmax[p].cpu()
-            if rec.rows[p]:
-                samples[f"layers.{i}.{p}"] = torch.cat(rec.rows[p])
-        del block, rec
+        n_rows = n_rows or max((r.shape[0] for r in rows.values()), default=0)
+        if spill_dir is None:
+            samples.update({f"layers.{i}.{p}": r for p, r in rows.items()})
+        elif rows:
+            from safetensors.torch import save_file
+
+            save_file(rows, str(stats.spill_path(i)))
+        del block, rec, rows
         if progress is not None:
             progress(i + 1, args.n_layers)
 
@@ -240,7 +282,7 @@ def calibrate(src: ModelSource, items: list[Item], tokenizer, add_bos: bool, n_i
         "n_positions": int(sets[0].slot.numel()),  # padding included
         "row_len": int(sets[0].tokens.shape[2]),
         "rows_per_batch": int(sets[0].tokens.shape[1]),
-        "sample_rows": int(next(iter(samples.values())).shape[0]) if samples else 0,
+        "sample_rows": n_rows,
     }
-    return CalibrationStats(absmax, [it.index for it in chosen], split, seed, samples,
-                            [it.index for it in held], info)
+    stats.info = info
+    return stats

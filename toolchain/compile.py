@@ -30,6 +30,9 @@ from toolchain.source import ModelSource, check_shape
 from toolchain.targets import Plan, get_target, make_plan
 
 TOKENIZER_FILES = {"sentencepiece": "tokenizer.model", "hf": "tokenizer.json"}
+# Inside the temporary directory: calibration's sample rows, one file a layer, until pass 2 is done
+# with the layer (toolchain/calibrate.py). Removed before the rename: not part of the artifact.
+SAMPLES_SPILL = ".calibration-samples"
 
 
 def open_source(source: str | Path, tokenizer_path: Path | None = None) -> ModelSource:
@@ -119,7 +122,8 @@ def write_artifact(src: ModelSource, plan: Plan, target: str, out_dir: Path, com
         if quantized:
             # Pass 1: calibration (one layer at a time); its abs-max statistics go into the artifact.
             items, calib_source, tokenizer = calibration_items(tmp, tok, tok_file, quant)
-            stats = calibrate_source(src, items, calib_source, tokenizer, tok.add_bos, quant, log)
+            stats = calibrate_source(src, items, calib_source, tokenizer, tok.add_bos, quant, log,
+                                     spill_dir=tmp / SAMPLES_SPILL)
             stats.save(tmp / CALIBRATION_FILE, with_samples=False)
             # The check rides along pass 2 on items calibration did not see.
             check = start_check(src, items, calib_source, tokenizer, tok.add_bos, stats.item_indices, dtype,
@@ -139,6 +143,7 @@ def write_artifact(src: ModelSource, plan: Plan, target: str, out_dir: Path, com
                 w.write(name, shard_tensor(name, tensor, tp, r))
         shards = tuple(ShardFile(file=w.path.name, tp_rank=r, sha256=w.close(), bytes=w.bytes,
                                  params_by_dtype=w.params_by_dtype) for r, w in enumerate(writers))
+        shutil.rmtree(tmp / SAMPLES_SPILL, ignore_errors=True)  # empty by now: pass 2 deleted each layer's
 
         if quantized:
             # --max-drop raises here, before the manifest and the rename: nothing is written.

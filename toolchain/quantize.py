@@ -26,7 +26,7 @@ from runtime.tokenizer import Tokenizer
 from toolchain.calibrate import CalibrationStats, calibrate
 from toolchain.quant_check import QuantCheck, check_summary, compare, draw_check_items, enforce_max_drop, error_stats
 from toolchain.shard import shard_shape
-from toolchain.smoothquant import (DEFAULT_ALPHAS, POINT_LINEARS, POINTS, choose_alpha, fake_quant_e4m3,
+from toolchain.smoothquant import (DEFAULT_ALPHAS, POINT_LINEARS, choose_alpha, fake_quant_e4m3,
                                    fake_quant_int8, fake_quant_w8, smooth_layer)
 from toolchain.source import ModelSource, check_shape
 
@@ -119,19 +119,22 @@ def quantized_stream(src: ModelSource, shapes, dtype, scheme, stats, opts: Quant
     device = compute_device(opts)
     reads = {n: p for p, names in POINT_LINEARS.items() for n in names}  # linear -> the point it reads
     glob = src.global_tensors()
-    for name in ("tok_embeddings.weight",):
-        check_shape(src, name, glob[name], shapes[name])
-        written = glob[name].to(dtype)
-        if check is not None:
-            check.embed(glob[name], written)
-        yield name, written
+    embed = glob.pop("tok_embeddings.weight")  # not kept through the layers: only norm and LM head are
+    check_shape(src, "tok_embeddings.weight", embed, shapes["tok_embeddings.weight"])
+    written = embed.to(dtype)
+    if check is not None:
+        check.embed(embed, written)
+    yield "tok_embeddings.weight", written
+    del embed, written
     for i in range(args.n_layers):
         raw = src.layer_tensors(i)
         for n in LAYER_TENSORS:
             check_shape(src, f"layers.{i}.{n}", raw[n], shapes[f"layers.{i}.{n}"])
         layer = {n: raw[n].to(device).float() for n in LAYER_TENSORS}
         del raw
-        original = layer  # smooth_layer returns a new dict: the check's float reference is unsmoothed
+        # smooth_layer returns a new dict: the check's float reference is unsmoothed (without a check,
+        # the unsmoothed copy is let go as soon as the smoothed one exists: a layer in fp32 less to hold).
+        original = layer if check is not None else None
         written = {}  # the block's state dict as the artifact holds it, for the check
         lstats = stats.layer(i)
         lstats = type(lstats)({p: t.to(device) for p, t in lstats.absmax.items()},
@@ -165,8 +168,7 @@ def quantized_stream(src: ModelSource, shapes, dtype, scheme, stats, opts: Quant
             yield f"{stem}.scale", scale.cpu()
         if check is not None:
             check.layer(original, written, scheme)
-        for p in POINTS:  # the samples of a written layer are no longer needed
-            stats.samples.pop(f"layers.{i}.{p}", None)
+        stats.drop_layer(i)  # the samples of a written layer are no longer needed
         del layer, original, written, lstats, factors
         worst = min((r["sqnr_db"] for k, r in report.items() if k.startswith(f"layers.{i}.") and r["sqnr_db"]),
                     default=None)
@@ -191,14 +193,15 @@ def calibration_items(tmp: Path, tok, tok_file: str, opts: QuantOptions) -> tupl
 
 
 def calibrate_source(src: ModelSource, items: list[Item], source: str, tokenizer: Tokenizer, add_bos: bool,
-                     opts: QuantOptions, log) -> CalibrationStats:
+                     opts: QuantOptions, log, spill_dir: Path | None = None) -> CalibrationStats:
+    """Pass 1 (toolchain/calibrate.py); spill_dir: where each layer's sample rows wait for pass 2."""
     n = min(opts.calib_items, len(items))
     device = compute_device(opts)
     log(f"calibrating on {n} HellaSwag items of {source} (seed {opts.calib_seed}) on {device}")
     try:
         stats = calibrate(src, items, tokenizer, add_bos, n_items=n, seed=opts.calib_seed, device=device,
                           split="validation", data=source, sample_rows=opts.sample_rows,
-                          batch_tokens=opts.batch_tokens)
+                          batch_tokens=opts.batch_tokens, spill_dir=spill_dir)
     except ValueError as e:
         raise HscError(f"calibration: {e}") from None
     return stats
