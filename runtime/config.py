@@ -175,6 +175,9 @@ class Manifest:
     smoothing: dict | None = None
     # Per quantized linear: output error vs the float (smoothed) linear on the calibration samples.
     quant_report: dict | None = None
+    # What the compile cost (toolchain/resources.py): wall_s, peak_rss_bytes (VmHWM), peak_anon_bytes and
+    # peak_file_bytes (sampled), hwm_since, sample_interval_s, peak_gpu_bytes. Optional: None in older manifests.
+    resources: dict | None = None
 
     @property
     def float_dtype(self) -> str:
@@ -215,6 +218,7 @@ class Manifest:
                 calibration=_optional_object("calibration", raw.get("calibration")),
                 smoothing=_optional_object("smoothing", raw.get("smoothing")),
                 quant_report=_optional_object("quant_report", raw.get("quant_report")),
+                resources=_optional_object("resources", raw.get("resources")),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise file_error(path, f"malformed manifest ({type(e).__name__}: {e})") from None

@@ -360,7 +360,8 @@ def test_inspect_prints_summary(hsc, artifact):
     assert code == 0, err
     assert err == ""
     heads = [line.split(None, 1)[0] for line in out.splitlines()]
-    for head in ("artifact", "model", "target", "mapping", "plan", "shard", "tokenizer", "source", "built"):
+    for head in ("artifact", "model", "target", "mapping", "plan", "shard", "tokenizer", "source", "built",
+                 "resources"):
         assert head in heads, f"no {head!r} line in:\n{out}"
     text = {line.split(None, 1)[0]: line for line in out.splitlines()}
     assert "dim 64, 2 layers, 4 heads" in text["model"]
@@ -368,6 +369,7 @@ def test_inspect_prints_summary(hsc, artifact):
     assert "tp=1 dp=1 world=1" in text["mapping"]
     assert "rank0.safetensors" in text["shard"]
     assert "meta" in text["source"] and "compile" in text["built"]  # provenance
+    assert "wall" in text["resources"] and "peak host memory" in text["resources"]
 
 
 def test_inspect_verify_json(hsc, artifact):

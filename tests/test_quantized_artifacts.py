@@ -63,6 +63,7 @@ def _compile(hsc, work, model, precision, target="cpu", *extra):
             args += ["--calib-data", work.data, "--calib-items", N_CALIB]
         code, out_text, err = hsc(*args, *extra)
         assert code == 0, err
+        assert "compile: wall" in out_text and "peak host memory" in out_text
         work.arts[key] = out
     return work.arts[key]
 
@@ -105,11 +106,16 @@ def test_int8_artifact_contents_manifest_and_verify(hsc, work):
     # Calibration's sample rows waited for pass 2 in the temporary directory; none is left in the artifact.
     assert sorted(p.name for p in art.iterdir()) == ["calibration.safetensors", "manifest.json", "rank0.safetensors",
                                                      "tokenizer.model"]
+    r = m.resources
+    assert r["wall_s"] > 0 and r["hwm_since"] in ("compile start", "process start") and r["peak_gpu_bytes"] is None
+    if Path("/proc/self/status").exists():
+        assert r["peak_rss_bytes"] >= r["peak_anon_bytes"] > 0 and r["peak_file_bytes"] > 0
 
     code, out, err = hsc("inspect", art, "--verify")
     assert code == 0, err
     assert "verified   3 files" in out and "quantized  int8" in out and "quant err  layer 1" in out
     assert "smoothing  alpha auto" in out
+    assert "resources  wall" in out and "anonymous" in out and "file-backed" in out
 
     # A tampered calibration file is caught by --verify.
     bad = work.root / "tampered"

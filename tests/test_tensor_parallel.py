@@ -362,12 +362,13 @@ def test_other_gpu_than_the_target_warns_and_continues(built, tmp_path, monkeypa
         distributed.check_machine(m, torch.device("cuda", 0), art, 4, warn=warnings.append)
 
 
-def test_manifest_without_target_info_still_loads(built, tmp_path):
+def test_manifest_without_target_info_or_resources_still_loads(built, tmp_path):
     art = Path(shutil.copytree(built.arts["gqa"]["tp1"], tmp_path / "old"))
     raw = json.loads((art / "manifest.json").read_text())
-    del raw["target_info"]
+    del raw["target_info"], raw["resources"]
     (art / "manifest.json").write_text(json.dumps(raw))
-    assert load_manifest(art).target_info is None
+    m = load_manifest(art)
+    assert m.target_info is None and m.resources is None
 
 
 # ---------------------------------------------------------------- on real GPUs (device machine: -m gpu)

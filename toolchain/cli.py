@@ -15,6 +15,7 @@ import click
 
 from runtime.errors import HscError
 from runtime.run import RunConfig
+from toolchain.resources import summary as resources_summary
 from toolchain.targets import TARGETS
 
 RUN_DEFAULTS = RunConfig(artifact=Path("."))
@@ -88,6 +89,7 @@ def compile_cmd(source, target, precision, out_dir, tokenizer_path, tp, force, c
                                         quant=quant)
     total = sum(s.bytes for s in manifest.shards)
     click.echo(f"wrote {path} ({len(manifest.shards)} shard(s), {total / 1e9:.2f} GB)")
+    click.echo(f"compile: {resources_summary(manifest.resources)}")
 
 
 @cli.command("run")
@@ -229,6 +231,8 @@ def inspect_cmd(artifact, verify, as_json):
     p = m.provenance
     click.echo(f"source     {p.source_format} {p.source_path} (sha256 {p.source_sha256[:16]})")
     click.echo(f"built      {p.created_utc} by hsc {p.toolchain_version}: {p.command}")
+    if m.resources is not None:
+        click.echo(f"resources  {resources_summary(m.resources)}")
     if checked is not None:
         click.echo(f"verified   {len(checked)} files: all sha256 match")
 

@@ -21,6 +21,7 @@ from runtime.errors import HscError, file_error
 from runtime.quant import SCHEMES
 from toolchain import __version__
 from toolchain.hashing import combined_sha256
+from toolchain.resources import ResourceMonitor
 from toolchain.safetensors_writer import StreamingSafetensorsWriter
 from toolchain.shard import shard_shape, shard_tensor
 from toolchain.quantize import (CALIBRATION_FILE, QuantOptions, calibrate_source, calibration_items,
@@ -96,7 +97,11 @@ def _tensor_stream(src: ModelSource, shapes: dict[str, tuple[int, ...]]):
 
 
 def write_artifact(src: ModelSource, plan: Plan, target: str, out_dir: Path, command: str,
-                   quant: QuantOptions | None = None, log=print) -> Manifest:
+                   quant: QuantOptions | None = None, log=print, monitor: ResourceMonitor | None = None) -> Manifest:
+    """monitor: measures the compile for the manifest's `resources` (default: from this call on)."""
+    if monitor is None:
+        with ResourceMonitor() as own:
+            return write_artifact(src, plan, target, out_dir, command, quant, log, own)
     quantized = plan.precision in QUANTIZED_PRECISIONS
     dtype = getattr(torch, PRECISION_DTYPES[plan.compute if quantized else plan.precision])
     tp = plan.mapping.tp
@@ -171,6 +176,7 @@ def write_artifact(src: ModelSource, plan: Plan, target: str, out_dir: Path, com
             ),
             target_info=_target_info(get_target(target)),
             **q_fields,
+            resources=monitor.snapshot(),
         )
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())
         tmp.chmod(0o755)  # mkdtemp makes it private; an artifact is meant to be shared
@@ -189,7 +195,7 @@ def compile_checkpoint(source: str | Path, target_name: str, precision: str, out
                        command: str, tokenizer_path: Path | None = None, tp: int | None = None,
                        force: bool = False, log=print, quant: QuantOptions | None = None) -> tuple[Manifest, Path]:
     target = get_target(target_name)
-    with open_source(source, tokenizer_path) as src:
+    with ResourceMonitor() as monitor, open_source(source, tokenizer_path) as src:
         plan = make_plan(src.args, target, precision, tp=tp)
         if out_dir is None:
             out_dir = Path("artifacts") / f"{_slug(src.model_name)}-{target.name}-{plan.precision}"
@@ -205,7 +211,8 @@ def compile_checkpoint(source: str | Path, target_name: str, precision: str, out
                                f"(use --precision {' or '.join(QUANTIZED_PRECISIONS)})")
             raise HscError(f"--calib-data/--calib-items/--calib-seed/--alpha/--no-smooth/--device/--check-items apply "
                            f"to the quantized precisions ({', '.join(QUANTIZED_PRECISIONS)}), not {plan.precision}")
-        return write_artifact(src, plan, target.name, out_dir, command, quant=quant, log=log), out_dir
+        return write_artifact(src, plan, target.name, out_dir, command, quant=quant, log=log,
+                              monitor=monitor), out_dir
 
 
 def _target_info(t) -> dict:
