@@ -63,6 +63,21 @@ class ModelArgs:
         except (TypeError, ValueError) as e:
             raise file_error(path, str(e)) from None
 
+    def params_json(self) -> dict:
+        """params.json as Meta writes it: optional fields only when they are set (hidden_dim, not a
+        Meta field, only when set: from_params_json reads it back)."""
+        out = {"dim": self.dim, "multiple_of": self.multiple_of, "n_heads": self.n_heads, "n_layers": self.n_layers,
+               "norm_eps": self.norm_eps, "vocab_size": self.vocab_size}
+        if self.n_kv_heads is not None:
+            out["n_kv_heads"] = self.n_kv_heads
+        if self.ffn_dim_multiplier is not None:
+            out["ffn_dim_multiplier"] = self.ffn_dim_multiplier
+        if self.rope_theta != 10000.0:
+            out["rope_theta"] = self.rope_theta
+        if self.hidden_dim is not None:
+            out["hidden_dim"] = self.hidden_dim
+        return out
+
     def __post_init__(self):
         for name in ("dim", "n_layers", "n_heads"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:

@@ -38,25 +38,6 @@ _SPLIT = {
 }
 
 
-def params_json(args: ModelArgs) -> dict:
-    """params.json as Meta writes it: optional fields only when they are set."""
-    out = {
-        "dim": args.dim,
-        "multiple_of": args.multiple_of,
-        "n_heads": args.n_heads,
-        "n_layers": args.n_layers,
-        "norm_eps": args.norm_eps,
-        "vocab_size": args.vocab_size,
-    }
-    if args.n_kv_heads is not None:
-        out["n_kv_heads"] = args.n_kv_heads
-    if args.ffn_dim_multiplier is not None:
-        out["ffn_dim_multiplier"] = args.ffn_dim_multiplier
-    if args.rope_theta != 10000.0:
-        out["rope_theta"] = args.rope_theta
-    return out
-
-
 def write_tiny_meta_checkpoint(
     dirpath,
     args: ModelArgs,
@@ -71,7 +52,7 @@ def write_tiny_meta_checkpoint(
     dirpath = Path(dirpath)
     dirpath.mkdir(parents=True, exist_ok=True)
     vocab = args.vocab_size if args.vocab_size > 0 else TOKENIZER_VOCAB
-    full_args = ModelArgs(**{**params_json(args), "vocab_size": vocab})
+    full_args = ModelArgs(**{**args.params_json(), "vocab_size": vocab})
 
     shapes = {"tok_embeddings.weight": global_shapes(full_args)["tok_embeddings.weight"]}
     for i in range(args.n_layers):
@@ -105,7 +86,7 @@ def write_tiny_meta_checkpoint(
     for shard in shards:
         shard["rope.freqs"] = freqs.to(dtype)
 
-    (dirpath / "params.json").write_text(json.dumps(params_json(args)))
+    (dirpath / "params.json").write_text(json.dumps(args.params_json()))
     files = ["params.json"]
     for k, shard in enumerate(shards):
         torch.save(shard, dirpath / f"consolidated.{k:02d}.pth")

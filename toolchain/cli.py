@@ -146,7 +146,8 @@ def run_cmd(artifact, data, limit, output, bos, device, batch_tokens, engine, co
 @click.option("--compile/--no-compile", "compile_", default=True, show_default=True)
 @click.option("--baseline", type=click.Choice(["none", "hf"]), default="none", show_default=True,
               help="hf: also time lm-eval's transformers loop on the same shape")
-@click.option("--baseline-items", type=int, default=None, help="items for the baseline [default: all]")
+@click.option("--baseline-items", type=int, default=None,
+              help="items for the baseline, evenly spread over the set [default: all]")
 @click.option("--data", default=None, help="HellaSwag source, as for hsc run")
 @click.option("--tokenizer", "tokenizer_path", type=click.Path(path_type=Path), default=None,
               help="LLaMA tokenizer.model [default: shared/data/llama-tokenizer.model]")
@@ -155,21 +156,60 @@ def bench_cmd(shape, precision, gpus, layers, limit, batch_tokens, compile_, bas
               tokenizer_path, output):
     """Time the runtime at a model shape with random weights on the GPU(s), over real HellaSwag tokens."""
     from runtime.bench import BenchConfig, run_bench
-    from runtime.hellaswag import find_shared_file, load_items
+    from runtime.hellaswag import load_items
     from runtime.tokenizer import Tokenizer
 
-    if tokenizer_path is None:
-        shared = find_shared_file()
-        tokenizer_path = shared.parent / "llama-tokenizer.model" if shared else None
-    if tokenizer_path is None or not Path(tokenizer_path).is_file():
-        raise HscError(f"{tokenizer_path or 'llama-tokenizer.model'}: LLaMA tokenizer not found (pass --tokenizer)")
-    tok = Tokenizer("sentencepiece", tokenizer_path, None, None)
+    tok = Tokenizer("sentencepiece", _llama_tokenizer(tokenizer_path), None, None)
     items, _ = load_items(data)
     cfg = BenchConfig(shape, precision, gpus, layers, limit, batch_tokens, compile_, baseline, baseline_items)
     result = run_bench(cfg, items, tok, echo=click.echo)
     if output:
         Path(output).mkdir(parents=True, exist_ok=True)
         (Path(output) / "bench.json").write_text(json.dumps({**result, "command": _command_line()}, indent=2) + "\n")
+
+
+def _llama_tokenizer(path: Path | None) -> Path:
+    """`path`, or the LLaMA tokenizer kept beside the shared HellaSwag file (shared/data/llama-tokenizer.model)."""
+    from runtime.hellaswag import find_shared_file
+
+    if path is None:
+        shared = find_shared_file()
+        path = shared.parent / "llama-tokenizer.model" if shared else None
+    if path is None or not Path(path).is_file():
+        raise HscError(f"{path or 'llama-tokenizer.model'}: LLaMA tokenizer not found (pass --tokenizer)")
+    return Path(path)
+
+
+@cli.command("random-checkpoint")
+@click.option("--shape", default="llama-30b", show_default=True,
+              help="llama-30b, llama-7b, or the path of a Meta params.json")
+@click.option("--shards", type=int, default=None,
+              help="model-parallel shards, consolidated.00..NN.pth [default: Meta's: llama-30b 4, llama-7b 1, "
+                   "a params.json 1]")
+@click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path), required=True,
+              help="checkpoint directory to create")
+@click.option("--layers", type=int, default=None, help="use fewer layers than the shape has")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--tokenizer", "tokenizer_path", type=click.Path(path_type=Path), default=None,
+              help="tokenizer.model to copy in [default: shared/data/llama-tokenizer.model]")
+@click.option("--checklist/--no-checklist", default=True, show_default=True,
+              help="write checklist.chk (MD5 of params.json and every shard, as Meta ships)")
+@click.option("--force", is_flag=True, help="replace an existing directory")
+def random_checkpoint_cmd(shape, shards, out_dir, layers, seed, tokenizer_path, checklist, force):
+    """Write random fp16 weights of a LLaMA shape in Meta's checkpoint layout (for measuring the compiler)."""
+    from toolchain.random_checkpoint import META_SHARDS, resolve_shape, write_random_checkpoint
+
+    args = resolve_shape(shape)
+    if layers is not None:
+        if not 1 <= layers <= args.n_layers:
+            raise HscError(f"--layers {layers}: choose 1..{args.n_layers}")
+        args = dataclasses.replace(args, n_layers=layers)
+    n = META_SHARDS.get(shape, 1) if shards is None else shards
+    tok = _llama_tokenizer(tokenizer_path)
+    path = write_random_checkpoint(out_dir, args, n, tok, seed=seed, checklist=checklist, force=force,
+                                   log=click.echo)
+    total = sum(f.stat().st_size for f in path.glob("consolidated.*.pth"))
+    click.echo(f"wrote {path} ({n} shard(s), {total / 1e9:.2f} GB)")
 
 
 @cli.command("inspect")

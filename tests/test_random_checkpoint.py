@@ -1,0 +1,116 @@
+"""`hsc random-checkpoint`: random weights in Meta's layout, written one tensor at a time, read back by
+MetaSource."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import zipfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from runtime.config import ModelArgs, global_shapes, layer_shapes
+from tests.tiny_meta import TOKENIZER
+from toolchain.meta_source import MetaSource
+from toolchain.random_checkpoint import SHARD_AXIS, random_slice, rank_shapes, save_streaming
+
+# dim 64, 4 heads (2 kv), FFN 192; vocab from the tokenizer (32000).
+TINY = ModelArgs(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, multiple_of=32)
+
+
+def _records(path: Path) -> dict[str, bytes]:
+    """The zip records of a torch.save file, but for the per-save serialization id."""
+    with zipfile.ZipFile(path) as z:
+        assert z.testzip() is None  # every record's CRC32 matches its bytes
+        return {n.split("/", 1)[1]: z.read(n) for n in z.namelist() if not n.endswith("serialization_id")}
+
+
+@pytest.fixture
+def params(tmp_path) -> Path:
+    path = tmp_path / "tiny-params.json"
+    path.write_text(json.dumps(TINY.params_json()))
+    return path
+
+
+def test_streaming_save_writes_what_torch_save_writes(tmp_path):
+    shapes = {"w": (48, 16), "norm": (16,), "e": (7, 3)}
+    made = []
+
+    def make(name):
+        made.append(name)
+        return torch.randn(shapes[name], generator=torch.Generator().manual_seed(len(name))).half()
+
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    save_streaming(tmp_path / "a" / "s.pth", shapes, torch.float16, make)
+    assert made == list(shapes)  # each tensor made once, in the dict's order
+    torch.save({n: make(n) for n in shapes}, tmp_path / "b" / "s.pth")
+    assert _records(tmp_path / "a" / "s.pth") == _records(tmp_path / "b" / "s.pth")
+    with pytest.raises(ValueError, match="norm: made"):
+        save_streaming(tmp_path / "a" / "t.pth", shapes, torch.float16,
+                       lambda n: torch.zeros(shapes[n] if n != "norm" else (15,), dtype=torch.float16))
+
+
+def test_round_trip_through_meta_source(hsc, tmp_path, params):
+    out = tmp_path / "ckpt"
+    code, text, err = hsc("random-checkpoint", "--shape", params, "--shards", 2, "--layers", 2, "--seed", 5,
+                          "-o", out, "--tokenizer", TOKENIZER)
+    assert code == 0, err
+    assert "wrote" in text and "2 shard(s)" in text
+    assert sorted(p.name for p in out.iterdir()) == ["checklist.chk", "consolidated.00.pth", "consolidated.01.pth",
+                                                     "params.json", "tokenizer.model"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ckpt.tmp-")]
+    params_out = json.loads((out / "params.json").read_text())
+    assert params_out["vocab_size"] == -1 and params_out["n_layers"] == 2 and params_out["n_kv_heads"] == 2
+    assert (out / "tokenizer.model").read_bytes() == TOKENIZER.read_bytes()
+
+    args = ModelArgs(**{**vars(TINY), "n_layers": 2, "vocab_size": 32000})
+    shapes = rank_shapes(args, 2)
+    shard0 = torch.load(out / "consolidated.00.pth", weights_only=True)  # a plain torch.load (CRCs checked)
+    assert list(shard0) == [*shapes, "rope.freqs"]  # Meta's order: embeddings, norm, output, layers
+    assert shard0["tok_embeddings.weight"].shape == (32000, 32)  # LLaMA-1/2: split on the embedding dim
+    assert shard0["layers.1.feed_forward.w2.weight"].shape == (64, 96)
+    assert all(t.dtype == torch.float16 for t in shard0.values())
+
+    with MetaSource(out) as src:  # also checks checklist.chk's MD5s
+        assert src.args == args
+        full = {**src.global_tensors(), **{f"layers.{i}.{n}": t for i in range(2)
+                                            for n, t in src.layer_tensors(i).items()}}
+    want = {**global_shapes(args), **{f"layers.{i}.{n}": s for i in range(2) for n, s in layer_shapes(args).items()}}
+    assert {n: tuple(t.shape) for n, t in full.items()} == want
+    for name, t in full.items():
+        base = name.split(".", 2)[2] if name.startswith("layers.") else name
+        if name.endswith("norm.weight"):
+            assert torch.equal(t, torch.ones_like(t)), name
+            continue
+        # Each rank's slice is its own seeded draw, N(0, 1/fan_in) with the whole tensor's fan_in.
+        fan_in = want[name][-1]
+        slices = [random_slice(name, fan_in, shapes[name], 5, r, torch.float16) for r in range(2)]
+        assert torch.equal(t, torch.cat(slices, dim=SHARD_AXIS[base])), name
+        assert abs(t.float().std().item() * math.sqrt(fan_in) - 1) < 0.05, name
+    assert not torch.equal(full["layers.0.attention.wq.weight"], full["layers.1.attention.wq.weight"])
+
+
+def test_refusals_leave_nothing(hsc, tmp_path, params, monkeypatch):
+    out = tmp_path / "ckpt"
+    with monkeypatch.context() as m:  # a disk without room is found out before anything is written
+        m.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=1000))
+        code, _, err = hsc("random-checkpoint", "--shape", params, "-o", out, "--tokenizer", TOKENIZER)
+        assert code == 1 and "0.0 GB free, the checkpoint needs" in err
+    code, _, err = hsc("random-checkpoint", "--shape", params, "--shards", 3, "-o", out, "--tokenizer", TOKENIZER)
+    assert code == 1 and "--shards 3" in err and "heads" in err  # 4 heads do not split 3 ways
+    code, _, err = hsc("random-checkpoint", "--shape", "smollm2-135m", "-o", out, "--tokenizer", TOKENIZER)
+    assert code == 1 and "smollm2-135m" in err
+    code, _, err = hsc("random-checkpoint", "--shape", params, "--layers", 9, "-o", out, "--tokenizer", TOKENIZER)
+    assert code == 1 and "--layers 9" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-params.json"]
+    out.mkdir()
+    code, _, err = hsc("random-checkpoint", "--shape", params, "-o", out, "--tokenizer", TOKENIZER)
+    assert code == 1 and "already exists" in err
+    code, _, err = hsc("random-checkpoint", "--shape", params, "--layers", 1, "-o", out, "--tokenizer", TOKENIZER,
+                       "--force", "--no-checklist")
+    assert code == 0, err
+    assert not (out / "checklist.chk").exists() and (out / "consolidated.00.pth").is_file()
