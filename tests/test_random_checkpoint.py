@@ -54,6 +54,24 @@ def test_streaming_save_writes_what_torch_save_writes(tmp_path):
                        lambda n: torch.zeros(shapes[n] if n != "norm" else (15,), dtype=torch.float16))
 
 
+def test_streaming_save_falls_back_to_torch_save(tmp_path, monkeypatch):
+    """A torch whose private writer differs gets plain torch.save (one shard in memory), same records."""
+    import toolchain.random_checkpoint as rc
+
+    shapes = {"w": (8, 4), "n": (4,)}
+    make = lambda name: torch.full(shapes[name], float(len(name)), dtype=torch.float16)
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    monkeypatch.setattr(rc, "_private_writer_available", lambda: False)
+    calls, torch_save = [], torch.save
+    monkeypatch.setattr(torch, "save", lambda *a, **k: (calls.append(a[1]), torch_save(*a, **k)))
+    save_streaming(tmp_path / "a" / "s.pth", shapes, torch.float16, make)
+    monkeypatch.undo()
+    assert calls == [str(tmp_path / "a" / "s.pth")]
+    assert rc._private_writer_available()  # this torch has the signature the streaming path expects
+    save_streaming(tmp_path / "b" / "s.pth", shapes, torch.float16, make)
+    assert _records(tmp_path / "a" / "s.pth") == _records(tmp_path / "b" / "s.pth")
+
+
 def test_round_trip_through_meta_source(hsc, tmp_path, params):
     out = tmp_path / "ckpt"
     code, text, err = hsc("random-checkpoint", "--shape", params, "--shards", 2, "--layers", 2, "--seed", 5,

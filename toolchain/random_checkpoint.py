@@ -23,6 +23,7 @@ free lists.)
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import pickle
@@ -101,6 +102,16 @@ def random_slice(name: str, fan_in: int, shape: tuple[int, ...], seed: int, rank
     return torch.empty(shape, dtype=dtype).normal_(0.0, 1.0 / math.sqrt(fan_in), generator=gen)
 
 
+def _private_writer_available() -> bool:
+    """torch.save's two private halves, with the signature this module was written against (torch 2.x)."""
+    try:
+        params = list(inspect.signature(torch.serialization._save).parameters)
+        return callable(torch.serialization._open_zipfile_writer) and params[:2] == ["obj", "zip_file"] \
+            and len(params) == 5
+    except (AttributeError, TypeError, ValueError):
+        return False
+
+
 def save_streaming(path: Path, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype,
                    make: Callable[[str], torch.Tensor]) -> None:
     """torch.save({name: make(name)}, path), one tensor in memory at a time (see the module docstring).
@@ -109,6 +120,9 @@ def save_streaming(path: Path, shapes: dict[str, tuple[int, ...]], dtype: torch.
     writes each storage's bytes as a zip record; the writer below substitutes make(name)'s bytes for
     the placeholder's when that record is written. The records are those torch.save writes for the
     made tensors, byte for byte (a test checks it)."""
+    if not _private_writer_available():  # another torch: one shard in memory (16 GB at 30B) instead
+        torch.save({name: make(name) for name in shapes}, str(path))
+        return
     # Slices of one never-written allocation: a fresh mapping, so none of it is resident.
     sizes = {name: math.prod(shape) * dtype.itemsize for name, shape in shapes.items()}
     arena = torch.empty(sum(sizes.values()), dtype=torch.uint8).untyped_storage()
