@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from runtime.config import ModelArgs, global_shapes, layer_shapes
-from runtime.model import Transformer
+from runtime.model import Transformer, apply_rope, apply_rope_half, half_split_order
 from tests import reference
 
 
@@ -65,10 +65,22 @@ def test_half_split_rope_changes_nothing(n_kv_heads, scheme):
     if scheme is None:
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
     else:
-        # Per-token activation quantization: a value that fp32 rounding moves across a rounding tie
-        # lands one quantization step away, so rare elements differ by about a step; most agree.
-        assert (b - a).abs().max() < 0.05
-        assert ((b - a).abs() < 1e-4).float().mean() > 0.98
+        # Per-token activation quantization downstream of attention: a value that fp32 rounding (q.k
+        # summed in another order) moves across a rounding tie lands one step away, and the change
+        # spreads to later tokens; so the whole model agrees closely, not exactly (a wrong RoPE is ~100%).
+        assert ((b - a).norm() / a.norm()) < 1e-2
+        # Where it is exact: the permuted projections with the half-split rotation are the original
+        # rotated projections, permuted.
+        x = torch.randn(2, 20, args.dim)
+        pos = torch.arange(20).expand(2, 20)
+        cos, sin = models[0].rope_cos[pos], models[0].rope_sin[pos]
+        for proj, heads in (("wq", args.n_heads), ("wk", args.kv_heads)):
+            order = half_split_order(heads, args.head_dim)
+            with torch.no_grad():
+                ref = apply_rope(getattr(models[0].layers[0].attention, proj)(x).unflatten(-1, (heads, -1)), cos, sin)
+                got = apply_rope_half(getattr(models[1].layers[0].attention, proj)(x).unflatten(-1, (heads, -1)),
+                                      cos, sin)
+            assert torch.equal(got.flatten(-2), ref.flatten(-2)[..., order])
     torch.testing.assert_close(again, b, atol=0, rtol=0)
 
 
