@@ -68,7 +68,7 @@ def test_half_split_rope_changes_nothing(n_kv_heads, scheme):
         # Per-token activation quantization downstream of attention: a value that fp32 rounding (q.k
         # summed in another order) moves across a rounding tie lands one step away, and the change
         # spreads to later tokens; so the whole model agrees closely, not exactly (a wrong RoPE is ~100%).
-        assert ((b - a).norm() / a.norm()) < 1e-2
+        assert ((b - a).norm() / a.norm()) < 0.05  # worst of 240 seeds: 0.012 (fp8), 0.0011 (int8)
         # Where it is exact: the permuted projections with the half-split rotation are the original
         # rotated projections, permuted.
         x = torch.randn(2, 20, args.dim)
