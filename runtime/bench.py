@@ -40,12 +40,14 @@ def compute_dtype(precision: str) -> torch.dtype:
     return torch.bfloat16 if precision in QUANTIZED else DTYPES[precision]
 
 
-def random_model(args: ModelArgs, dtype: torch.dtype, device, seed: int = 0, scheme: str | None = None) -> Transformer:
+def random_model(args: ModelArgs, dtype: torch.dtype, device, seed: int = 0, scheme: str | None = None,
+                 tp: int = 1, tp_group=None) -> Transformer:
     """Weights ~ N(0, 1/fan_in), norms 1: activations stay O(1) through any depth. With a scheme,
     each block's linears are then quantized from those weights, one block at a time (so the
-    float copy of only one block is alive next to the quantized model)."""
+    float copy of only one block is alive next to the quantized model). With tp > 1, one rank's
+    slice of the model (runtime/model.py), random on its own: for timing, not for scores."""
     with torch.device("meta"):
-        model = Transformer(args).to(dtype)  # never materialised in fp32: 130 GB at 30B
+        model = Transformer(args, tp, tp_group).to(dtype)  # never materialised in fp32: 130 GB at 30B
     model = model.to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
@@ -146,6 +148,7 @@ class BenchConfig:
     shape: str = "llama-30b"
     precision: str = "bf16"
     gpus: int = 1
+    tp: int = 1  # tensor-parallel degree: gpus / tp data-parallel replicas of tp GPUs each
     layers: int | None = None  # fewer layers than the shape has, for quick checks
     limit: int | None = None  # items [0, limit); default all 10,042
     batch_tokens: int = 16384
@@ -187,15 +190,23 @@ def _worker(rank: int, cfg: BenchConfig, requests: list[Request], args: ModelArg
 
     device = torch.device("cuda", rank)
     torch.cuda.set_device(device)
+    group = None
     if cfg.gpus > 1:
         os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
         dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=cfg.gpus,
                                 device_id=device)
+    replicas = cfg.gpus // cfg.tp
+    if cfg.tp > 1:  # ranks [g*tp, (g+1)*tp) form replica g; every rank creates every group, as NCCL wants
+        groups = [dist.new_group(list(range(g * cfg.tp, (g + 1) * cfg.tp))) for g in range(replicas)]
+        group = groups[rank // cfg.tp]
     dtype = compute_dtype(cfg.precision)
     torch.backends.cuda.matmul.allow_tf32 = dtype != torch.float32
-    model = random_model(args, dtype, device, scheme=QUANTIZED.get(cfg.precision))
-    # Data parallel: whole items (4 requests each) dealt round-robin.
-    mine = [r for k in range(rank, len(requests) // 4, cfg.gpus) for r in requests[4 * k: 4 * k + 4]]
+    model = random_model(args, dtype, device, seed=rank, scheme=QUANTIZED.get(cfg.precision), tp=cfg.tp,
+                         tp_group=group)
+    # Data parallel: whole items (4 requests each) dealt round-robin to the replicas; the ranks of one
+    # replica pack the same items, so their batches (and compiled shapes) are identical.
+    replica = rank // cfg.tp
+    mine = [r for k in range(replica, len(requests) // 4, replicas) for r in requests[4 * k: 4 * k + 4]]
     scorer = PackedScorer(model, device, None, cfg.batch_tokens, compile=cfg.compile)
     batches = scorer.prepare(mine)
     t0 = time.perf_counter()
@@ -231,10 +242,15 @@ def run_bench(cfg: BenchConfig, items: list[Item], tokenizer, echo=print) -> dic
 
     import torch.multiprocessing as mp
 
+    args = SHAPES[cfg.shape]
+    if cfg.tp < 1 or cfg.gpus % cfg.tp or args.n_heads % cfg.tp or args.kv_heads % cfg.tp or args.ffn_dim % cfg.tp:
+        raise HscError(f"hsc bench --tp {cfg.tp}: must divide --gpus {cfg.gpus} and the shape's {args.n_heads} "
+                       f"heads ({args.kv_heads} kv) and ffn {args.ffn_dim}")
+    if cfg.tp > 1 and cfg.baseline != "none":
+        raise HscError("hsc bench --baseline runs on one GPU; time it without --tp")
     if not torch.cuda.is_available() or torch.cuda.device_count() < cfg.gpus:
         raise HscError(f"hsc bench --gpus {cfg.gpus}: needs {cfg.gpus} CUDA device(s), "
                        f"found {torch.cuda.device_count() if torch.cuda.is_available() else 0}")
-    args = SHAPES[cfg.shape]
     if cfg.layers:
         args = replace(args, n_layers=cfg.layers)
     items = items[: cfg.limit] if cfg.limit else items
@@ -251,13 +267,13 @@ def run_bench(cfg: BenchConfig, items: list[Item], tokenizer, echo=print) -> dic
     for p in procs:
         p.join()
     seconds = max(r.scoring_s for r in results)
-    tokens = sum(r.tokens for r in results)
+    tokens = sum(r.tokens for r in results if r.rank % cfg.tp == 0)  # each replica's tokens once
     dtype = compute_dtype(cfg.precision)
     rate = gemm_rate(cfg.precision, cfg.batch_tokens, args.dim, args.ffn_dim, "cuda")
     n_targets = sum(len(r.continuation) for r in requests)
     model_flops = tokens * flops_per_token(args, results[0].batch_shape[1] / 2) + 2 * args.dim * args.vocab_size * n_targets
     out = {
-        "shape": cfg.shape, "layers": args.n_layers, "precision": cfg.precision, "gpus": cfg.gpus,
+        "shape": cfg.shape, "layers": args.n_layers, "precision": cfg.precision, "gpus": cfg.gpus, "tp": cfg.tp,
         "items": len(items), "tokens": tokens, "scoring_s": round(seconds, 3),
         "warmup_s": round(max(r.warmup_s for r in results), 1), "tokens_per_s": round(tokens / seconds),
         "batch_shape": results[0].batch_shape, "peak_gpu_memory_gb": round(max(r.peak_memory for r in results) / 1e9, 2),

@@ -37,3 +37,21 @@ def test_random_quantized_model_tracks_its_float_weights(scheme):
     assert 0 < rel < {"fp8": 0.25, "int8": 0.05, "w8": 0.05}[scheme], rel
     lin = q.layers[1].feed_forward.w2
     assert lin.qdata.dtype == {"int8": torch.int8, "w8": torch.int8, "fp8": torch.float8_e4m3fn}[scheme]
+
+
+def test_random_model_tp_slice_has_the_rank_shapes():
+    args = ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=100, hidden_dim=128)
+    m = random_model(args, torch.float32, "cpu", tp=2)  # no group: the slice alone, as one rank holds it
+    attn, ffn = m.layers[0].attention, m.layers[0].feed_forward
+    assert attn.wq.weight.shape == (32, 64) and attn.wk.weight.shape == (16, 64) and attn.wo.weight.shape == (64, 32)
+    assert ffn.w1.weight.shape == (64, 64) and ffn.w2.weight.shape == (64, 64)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tp", "3"], "--tp 3: must divide --gpus 1 and the shape's 52 heads"),
+    (["--gpus", "2", "--tp", "4"], "--tp 4: must divide --gpus 2"),
+    (["--gpus", "4", "--tp", "4", "--baseline", "hf"], "--baseline runs on one GPU"),
+])
+def test_bench_tp_refusals(hsc, shared_data, argv, message):
+    code, _, err = hsc("bench", "--shape", "llama-30b", *argv)
+    assert code == 1 and message in err and len(err.splitlines()) == 1

@@ -139,7 +139,9 @@ def run_cmd(artifact, data, limit, output, bos, device, batch_tokens, engine, co
               show_default=True)
 @click.option("--precision", type=click.Choice(["bf16", "fp16", "fp32", "fp8", "int8", "w8"]), default="bf16",
               show_default=True, help="fp8/int8/w8: the seven block linears quantized, the rest bf16")
-@click.option("--gpus", type=int, default=1, show_default=True, help="data-parallel replicas, one per GPU")
+@click.option("--gpus", type=int, default=1, show_default=True, help="GPUs: --gpus/--tp data-parallel replicas")
+@click.option("--tp", type=int, default=1, show_default=True,
+              help="tensor-parallel degree of each replica (the v100x4 plan is --gpus 4 --tp 4)")
 @click.option("--layers", type=int, default=None, help="use fewer layers than the shape has")
 @click.option("--limit", type=int, default=None, help="score only the first N items")
 @click.option("--batch-tokens", type=int, default=16384, show_default=True)
@@ -152,7 +154,7 @@ def run_cmd(artifact, data, limit, output, bos, device, batch_tokens, engine, co
 @click.option("--tokenizer", "tokenizer_path", type=click.Path(path_type=Path), default=None,
               help="LLaMA tokenizer.model [default: shared/data/llama-tokenizer.model]")
 @click.option("--output", type=click.Path(path_type=Path), default=None, help="write bench.json here")
-def bench_cmd(shape, precision, gpus, layers, limit, batch_tokens, compile_, baseline, baseline_items, data,
+def bench_cmd(shape, precision, gpus, tp, layers, limit, batch_tokens, compile_, baseline, baseline_items, data,
               tokenizer_path, output):
     """Time the runtime at a model shape with random weights on the GPU(s), over real HellaSwag tokens."""
     from runtime.bench import BenchConfig, run_bench
@@ -161,7 +163,8 @@ def bench_cmd(shape, precision, gpus, layers, limit, batch_tokens, compile_, bas
 
     tok = Tokenizer("sentencepiece", _llama_tokenizer(tokenizer_path), None, None)
     items, _ = load_items(data)
-    cfg = BenchConfig(shape, precision, gpus, layers, limit, batch_tokens, compile_, baseline, baseline_items)
+    cfg = BenchConfig(shape=shape, precision=precision, gpus=gpus, tp=tp, layers=layers, limit=limit,
+                      batch_tokens=batch_tokens, compile=compile_, baseline=baseline, baseline_items=baseline_items)
     result = run_bench(cfg, items, tok, echo=click.echo)
     if output:
         Path(output).mkdir(parents=True, exist_ok=True)
