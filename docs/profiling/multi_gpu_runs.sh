@@ -5,6 +5,8 @@
 #   bash docs/profiling/multi_gpu_runs.sh tp      # NCCL test; 2-layer 30B shape: TP=4 and DP=4 vs TP=1, 500 items
 #   bash docs/profiling/multi_gpu_runs.sh dp      # hsc bench, 30B shape, full set, 4 GPUs data parallel: bf16, fp8
 #   bash docs/profiling/multi_gpu_runs.sh tp4     # hsc bench, 30B shape, full set, the v100x4 plan (TP=4, fp16)
+#   bash docs/profiling/multi_gpu_runs.sh smol    # SmolLM2 full set, 1 GPU vs 4 (data parallel), fp32 and bf16:
+#                                                 # batch invariance across GPU counts (needs artifacts/smol.gguf)
 #
 # Outputs go to $OUT (the device tool's folder) or /tmp/hsc-x4/out; the last lines printed are the summary.
 set -euo pipefail
@@ -34,8 +36,19 @@ case "${1:-}" in
   tp4)
     $H bench --shape llama-30b --gpus 4 --tp 4 --precision fp16 --output "$OUT/tp4-fp16" | tail -1
     ;;
+  smol)
+    for p in fp32 bf16; do
+      $H compile artifacts/smol.gguf --target h200x1 --precision $p --force -o "$W/s1-$p"
+      $H compile artifacts/smol.gguf --target h200x4 --precision $p --force -o "$W/s4-$p"
+      $H run "$W/s1-$p" --output "$OUT/s1-$p" | tail -2
+      $H run "$W/s4-$p" --nproc 4 --output "$OUT/s4-$p" | tail -2
+    done
+    for p in fp32 bf16; do
+      python3 docs/profiling/compare_runs.py "$OUT/s1-$p/samples.jsonl" "$OUT/s4-$p/samples.jsonl"
+    done
+    ;;
   *)
-    echo "usage: bash docs/profiling/multi_gpu_runs.sh tp|dp|tp4" >&2
+    echo "usage: bash docs/profiling/multi_gpu_runs.sh tp|dp|tp4|smol" >&2
     exit 2
     ;;
 esac
