@@ -119,9 +119,10 @@ def make_segments(requests: list[Request], share_prefixes: bool = True) -> list[
         group = [(k + j, r) for j, r in enumerate(requests[k:k + 4])]
         assert all(r.context == group[0][1].context for _, r in group), "an item's endings share its context"
         items.append(group)
+    alone = [tree_segment(g) for g in items]
     if not share_prefixes:
-        return [tree_segment(g) for g in items]
-    solo = [len(tree_segment(g).tokens) for g in items]
+        return alone
+    solo = [len(s.tokens) for s in alone]
     order = sorted(range(len(items)), key=lambda i: items[i][0][1].context)
     segments, members, bound = [], [], 0
     for i in order:
@@ -133,11 +134,18 @@ def make_segments(requests: list[Request], share_prefixes: bool = True) -> list[
                 members.append(i)
                 bound += solo[i] - shared
                 continue
-            segments.append(tree_segment([x for m in members for x in items[m]]))
+            segments.append(_merged(members, items, alone))
         members, bound = [i], solo[i]
     if members:
-        segments.append(tree_segment([x for m in members for x in items[m]]))
+        segments.append(_merged(members, items, alone))
     return segments
+
+
+def _merged(members: list[int], items: list[list[tuple[int, Request]]], alone: list[Segment]) -> Segment:
+    """The tree of several items; a lone item's tree is already built."""
+    if len(members) == 1:
+        return alone[members[0]]
+    return tree_segment([x for m in members for x in items[m]])
 
 
 @dataclass

@@ -42,7 +42,7 @@ import torch
 from runtime.config import ModelArgs
 from runtime.hellaswag import Item
 from runtime.model import TransformerBlock, rope_tables
-from runtime.packed import PAD_SLOT, Batches, attention_mask, choose_row_len, make_segments, pack
+from runtime.packed import PAD_SLOT, Batches, PackedScorer, attention_mask
 from runtime.scoring import build_requests
 from toolchain.hashing import combined_sha256
 from toolchain.smoothquant import POINTS, W2_IN, W13_IN, WO_IN, WQKV_IN, LayerStats
@@ -143,14 +143,11 @@ class CalibrationStats:
 
 def calibration_batches(items: list[Item], tokenizer, add_bos: bool, batch_tokens: int,
                         max_seq_len: int) -> Batches:
-    """The items packed as runtime/packed.py packs them for scoring (targets are not used)."""
-    segments = make_segments(build_requests(items, tokenizer, add_bos))
-    row_len = choose_row_len(segments, batch_tokens)
-    # No compiled graph here, so no fixed batch shape: a small set need not fill a whole batch
-    # with padding rows (the per-token layout, all that calibration sees, is the same).
-    n_rows = pack(segments, row_len, 1).tokens.shape[0]
-    batches = pack(segments, row_len, max(1, min(batch_tokens // row_len, n_rows)))
-    longest = int(max(s.positions.max() for s in segments)) + 1
+    """The items packed as runtime/packed.py packs them for scoring (targets are not used). Eager
+    packing: no compiled graph here, so a small set is not padded to a whole batch of rows (the
+    per-token layout, all that calibration sees, is the same)."""
+    batches = PackedScorer(None, "cpu", batch_tokens=batch_tokens).prepare(build_requests(items, tokenizer, add_bos))
+    longest = int(batches.positions.max()) + 1
     if longest > max_seq_len:
         raise ValueError(f"an item needs {longest} positions, more than the model's {max_seq_len}")
     return batches
