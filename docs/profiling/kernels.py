@@ -1,29 +1,16 @@
 """GEMM rates of the LLaMA-30B linear shapes (bf16, fp8 rowwise, int8), attention on real packed batches
-(SDPA with the tree mask, FlexAttention with a block mask), and a kernel table of a 4-layer step
-(docs/benchmarks.md, 2026-11-29). From the repository root on a GPU machine:
-PYTHONPATH=. python3 docs/profiling/kernels.py"""
-import sys, time
+(SDPA with the tree mask, FlexAttention with a block mask)
+(docs/benchmarks.md, 2026-11-29; a step's kernel table is step_profile.py). On a GPU machine:
+python3 docs/profiling/kernels.py"""
+from common import cuda_ms, hellaswag_requests  # also puts the repository on sys.path
 import torch, torch.nn.functional as F
-from dataclasses import replace
-sys.path.insert(0, ".")
-from runtime.bench import SHAPES, random_model, flops_per_token
-from runtime.hellaswag import load_items
-from runtime.tokenizer import Tokenizer
-from runtime.scoring import build_requests
+from runtime.bench import SHAPES
 from runtime.packed import PackedScorer, attention_mask
-import runtime.packed as P
 
 dev = torch.device("cuda")
 torch.backends.cuda.matmul.allow_tf32 = True
 rows = []
-def bench(fn, n=20):
-    for _ in range(3): fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(n):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record(); fn(); e.record(); torch.cuda.synchronize(); ts.append(s.elapsed_time(e))
-    return sorted(ts)[len(ts)//2]
+bench = cuda_ms
 
 # 1. GEMM rates per linear at M = 16128 (36 x 448)
 M_ = 16128
@@ -43,9 +30,7 @@ for name, k, n in [("wq", 6656, 6656), ("wqkv", 6656, 19968), ("w1", 6656, 17920
 
 # 2. attention on one real packed batch: dense mask SDPA vs flex
 args = SHAPES["llama-30b"]
-items, _ = load_items("shared/data/hellaswag_val_full.txt.bz2")
-tok = Tokenizer("sentencepiece", "shared/data/llama-tokenizer.model", None, None)
-reqs = build_requests(items, tok, add_bos=True)
+reqs = hellaswag_requests()
 for row_len in (448, 512):
     sc = PackedScorer(None, dev, row_len=row_len, batch_tokens=16384)
     bt = sc.prepare(reqs[:4*600])
@@ -77,25 +62,5 @@ for row_len in (448, 512):
         rows.append((f"flex failed: {type(e).__name__}: {str(e)[:200]}", 0, 0))
     del q, k, v
 
-# 3. 4-layer step, compiled, time per batch
-args4 = replace(args, n_layers=4)
-model = random_model(args4, torch.bfloat16, dev)
-sc = PackedScorer(model, dev, batch_tokens=16384, compile=True)
-bt = sc.prepare(reqs[:4*2000])
-t0 = time.perf_counter(); sc.warmup(bt); w = time.perf_counter() - t0
-torch.cuda.synchronize(); t0 = time.perf_counter(); sc.score(bt); torch.cuda.synchronize()
-per = (time.perf_counter() - t0) / bt.tokens.shape[0]
-rows.append((f"4-layer step reduce-overhead shape={list(bt.shape)} warm={w:.0f}s", per*1e3, sum(bt.real_tokens)/bt.tokens.shape[0]*flops_per_token(args4, bt.shape[1]/2)/per/1e12*1e3))
-# profile a default-mode compile for the kernel breakdown
-step = torch.compile(lambda *a: P.packed_step(model, *a), fullgraph=True, dynamic=False)
-a0 = (bt.tokens[0], bt.positions[0], bt.subtree_end[0], bt.target_index[0], bt.target_ids[0])
-with torch.inference_mode():
-    for _ in range(3): step(*a0)
-    torch.cuda.synchronize()
-    from torch.profiler import profile, ProfilerActivity
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(5): step(*a0)
-        torch.cuda.synchronize()
-print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90))
 print("\n| what | ms | TFLOP/s |\n|---|---|---|")
 for r in rows: print(f"| {r[0]} | {r[1]:.3f} | {r[2]:.0f} |")

@@ -3,13 +3,10 @@ the full-set batch shape, then attention / RoPE / SwiGLU microbenchmarks (docs/b
 Run on a GPU machine from the repository root: PYTHONPATH=. python3 docs/profiling/step_profile.py bf16 fp8"""
 import sys
 
+from common import cuda_ms, hellaswag_requests  # also puts the repository on sys.path
 import torch, torch.nn.functional as F
 from dataclasses import replace
-sys.path.insert(0, ".")
 from runtime.bench import SHAPES, random_model
-from runtime.hellaswag import load_items
-from runtime.tokenizer import Tokenizer
-from runtime.scoring import build_requests
 from runtime.packed import PackedScorer, attention_mask
 import runtime.packed as P
 from runtime.model import apply_rope
@@ -18,16 +15,8 @@ from torch.nn.attention import sdpa_kernel, SDPBackend
 
 dev = torch.device("cuda")
 torch.backends.cuda.matmul.allow_tf32 = True
-items, _ = load_items("shared/data/hellaswag_val_full.txt.bz2")
-tok = Tokenizer("sentencepiece", "shared/data/llama-tokenizer.model", None, None)
-reqs = build_requests(items, tok, add_bos=True)[:4 * 1500]
-def bench(fn, n=20):
-    for _ in range(3): fn()
-    torch.cuda.synchronize(); ts = []
-    for _ in range(n):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record(); fn(); e.record(); torch.cuda.synchronize(); ts.append(s.elapsed_time(e))
-    return sorted(ts)[n // 2]
+reqs = hellaswag_requests(1500)
+bench = cuda_ms
 rows = []
 args4 = replace(SHAPES["llama-30b"], n_layers=4)
 for prec in sys.argv[1:]:

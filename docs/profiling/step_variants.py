@@ -1,20 +1,15 @@
 """4-layer LLaMA-30B-shape step variants on the full-set batch shape; ms per batch and the implied full-set time."""
 import sys, time
+from common import hellaswag_requests  # also puts the repository on sys.path
 import torch
 from dataclasses import replace
-sys.path.insert(0, ".")
 from runtime.bench import SHAPES, random_model
-from runtime.hellaswag import load_items
-from runtime.tokenizer import Tokenizer
-from runtime.scoring import build_requests
 from runtime.packed import PackedScorer
 import runtime.packed as P
 
 dev = torch.device("cuda")
 torch.backends.cuda.matmul.allow_tf32 = True
-items, _ = load_items("shared/data/hellaswag_val_full.txt.bz2")
-tok = Tokenizer("sentencepiece", "shared/data/llama-tokenizer.model", None, None)
-reqs = build_requests(items, tok, add_bos=True)
+reqs = hellaswag_requests()
 full = PackedScorer(None, dev, batch_tokens=16384)
 fb = full.prepare(reqs)
 n_full = fb.tokens.shape[0]
