@@ -127,6 +127,5 @@ def build_model(artifact: Path, manifest: Manifest, device: str | torch.device, 
     # Non-persistent buffers (RoPE tables) are not in the state dict: rebuild them on the device.
     cos, sin = rope_tables(manifest.model.head_dim, manifest.model.max_seq_len, manifest.model.rope_theta)
     model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
-    if dtype != torch.float32:
-        model.head_fp32 = model.output.weight.float()
+    model.keep_fp32_head()
     return model.use_half_split_rope().eval()

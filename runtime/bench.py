@@ -63,8 +63,7 @@ def random_model(args: ModelArgs, dtype: torch.dtype, device, seed: int = 0, sch
             swap_linears(block, SCHEMES[scheme]())
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
-    if dtype != torch.float32:
-        model.head_fp32 = model.output.weight.float()
+    model.keep_fp32_head()
     return model.use_half_split_rope().eval()
 
 

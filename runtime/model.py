@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from runtime.config import ModelArgs
+from runtime.quant import QuantLinear
 
 
 class RMSNorm(nn.Module):
@@ -96,6 +97,14 @@ class Attention(nn.Module):
         self.wv = nn.Linear(d, self.n_kv_heads * hd, bias=False)
         self.wo = nn.Linear(self.n_heads * hd, d, bias=False)
 
+    @torch.no_grad()
+    def use_half_split_rope(self) -> None:
+        """Transformer.use_half_split_rope for this block's attention."""
+        if self.rope_interleaved:
+            _permute_rows(self.wq, half_split_order(self.n_heads, self.head_dim))
+            _permute_rows(self.wk, half_split_order(self.n_kv_heads, self.head_dim))
+            self.rope_interleaved = False
+
     def forward(self, x, cos, sin, attn_mask):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
@@ -126,7 +135,12 @@ class FeedForward(nn.Module):
         self.tp_group = tp_group
 
     def forward(self, x):
-        return _all_reduce(self.w2(F.silu(self.w1(x)) * self.w3(x)), self.tp_group)
+        a, b = self.w1(x), self.w3(x)
+        if isinstance(self.w2, QuantLinear):  # quantizes silu(a) * b as it computes it
+            out = self.w2.forward_swiglu(a, b)
+        else:
+            out = self.w2(F.silu(a) * b)
+        return _all_reduce(out, self.tp_group)
 
 
 class TransformerBlock(nn.Module):
@@ -155,8 +169,16 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        # fp32 copy of a bf16/fp16 LM head, made once at load (0.85 GB at 30B) rather than per batch.
+        # fp32 copy of a bf16/fp16 LM head, made once at load (0.85 GB at 30B) rather than per batch;
+        # not needed for bf16 on CUDA (token_logprobs).
         self.head_fp32: torch.Tensor | None = None
+
+    def keep_fp32_head(self) -> None:
+        """Make the fp32 head copy where token_logprobs will need it: a low-precision head that
+        cannot run as a bf16 product with fp32 output (CPU, fp16)."""
+        w = self.output.weight
+        if w.dtype != torch.float32 and not (w.is_cuda and w.dtype == torch.bfloat16):
+            self.head_fp32 = w.float()
 
     @torch.no_grad()
     def use_half_split_rope(self) -> "Transformer":
@@ -164,11 +186,7 @@ class Transformer(nn.Module):
         instead of interleaved pairs (faster, apply_rope_half). q and k move by the same
         permutation, so every attention score q.k, and so the model's output, is unchanged."""
         for layer in self.layers:
-            attn = layer.attention
-            if attn.rope_interleaved:
-                _permute_rows(attn.wq, half_split_order(attn.n_heads, attn.head_dim))
-                _permute_rows(attn.wk, half_split_order(attn.n_kv_heads, attn.head_dim))
-                attn.rope_interleaved = False
+            layer.attention.use_half_split_rope()
         return self
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
@@ -188,6 +206,13 @@ class Transformer(nn.Module):
         """log p(target | prefix) for hidden states [N, dim] and targets [N], in fp32:
         logit[target] - logsumexp(logits), with the LM head computed in fp32 so that close
         answers are not flipped by low-precision logits."""
-        w = self.head_fp32 if self.head_fp32 is not None else self.output.weight.float()
-        logits = F.linear(hidden.float(), w)  # [N, vocab]
+        w = self.output.weight
+        if hidden.is_cuda and hidden.dtype == w.dtype == torch.bfloat16:
+            # bf16 products summed into fp32 logits: bf16 values are exact in fp32 (and in TF32), so
+            # this is the fp32 product of the same numbers, at bf16 speed (8 vs 14 ms for a 30B
+            # batch's 11.8k scored positions on an H200) and without a 0.85 GB fp32 copy of the head.
+            logits = torch.mm(hidden, w.t(), out_dtype=torch.float32)
+        else:
+            w = self.head_fp32 if self.head_fp32 is not None else w.float()
+            logits = F.linear(hidden.float(), w)  # [N, vocab]
         return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)

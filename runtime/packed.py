@@ -5,7 +5,7 @@ which predicts nothing) as branches; endings that start alike share their first 
 whose contexts share a prefix (same activity label and opening words) share one tree. A token
 attends to its ancestors in the tree and to itself, at its depth as position, so every ending sees
 exactly what it would see in its own forward pass (lm-eval's loop), and every shared token is
-computed once instead of up to 4x (1.86 M -> 1.84 M tokens on HellaSwag; one forward per ending
+computed once instead of up to 4x (1.85 M -> 1.83 M tokens on HellaSwag; one forward per ending
 would be 3.6 M).
 
 Trees are laid out depth-first and packed first-fit into rows of `row_len` tokens, and rows into
@@ -13,7 +13,9 @@ batches of `rows_per_batch`: every batch has the same shape, so one compiled gra
 graph) serves the whole set. Attention uses SDPA with a mask built on the device from one small
 per-token tensor (where each token's subtree ends); at row lengths of a few hundred tokens
 attention is a few percent of the FLOPs of a 30B model, so a dense mask costs little and runs on
-every backend. All packing and gather indices are prepared before the timed loop.
+every backend. All packing and gather indices are prepared before the timed loop. (A block-sparse
+flex-attention mask measured faster on an H200 in isolation, but gave wrong fp32 scores on the GPU
+inside the compiled step: docs/benchmarks.md.)
 """
 
 from __future__ import annotations
@@ -104,9 +106,10 @@ def _common_prefix(a, b) -> int:
 # Items whose contexts share at least MIN_SHARED tokens (sorted neighbours: the same activity label
 # and opening words, or the same context) go into one segment, up to MAX_SHARED_SEGMENT tokens.
 # Larger groups save a little more but pack worse into fixed rows; on HellaSwag's validation set
-# with LLaMA's tokenizer these values give 1.835 M tokens instead of 1.860 M (one tree per item)
-# and three fewer 16k-token batches (measured with first-fit into 448-token rows).
-MIN_SHARED = 10
+# with LLaMA's tokenizer these values give 1.834 M tokens instead of 1.852 M (one tree per item)
+# and 114 batches of [36 x 448] (4,101 rows); MIN_SHARED = 10 gave 1.837 M tokens and 115 batches,
+# and no (MIN_SHARED, MAX_SHARED_SEGMENT) in {3, 5, 7, 10} x {192, ..., 288} fewer than 114.
+MIN_SHARED = 5
 MAX_SHARED_SEGMENT = 224
 
 
@@ -303,13 +306,17 @@ class PackedScorer:
             setattr(batches, name, getattr(batches, name).to(self.device))
         return batches
 
+    @staticmethod
+    def _step_args(batches: Batches, b: int) -> tuple[torch.Tensor, ...]:
+        return (batches.tokens[b], batches.positions[b], batches.subtree_end[b], batches.target_index[b],
+                batches.target_ids[b])
+
     @torch.inference_mode()
     def warmup(self, batches: Batches, steps: int = 3) -> None:
         """Compile, autotune and record the CUDA graph on the first batch (a graph is recorded on
         a later call than the first). Eager execution needs no warm-up."""
         for _ in range(steps if self.compiled else 0):
-            self.step(batches.tokens[0], batches.positions[0], batches.subtree_end[0],
-                      batches.target_index[0], batches.target_ids[0])
+            self.step(*self._step_args(batches, 0))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -319,8 +326,7 @@ class PackedScorer:
         outputs, reported = [], 0
         n_batches = batches.tokens.shape[0]
         for b in range(n_batches):
-            logp = self.step(batches.tokens[b], batches.positions[b], batches.subtree_end[b],
-                             batches.target_index[b], batches.target_ids[b])
+            logp = self.step(*self._step_args(batches, b))
             outputs.append(logp.clone())  # CUDA-graph outputs are overwritten by the next replay
             if progress is not None and ((b + 1) % sync_every == 0 or b + 1 == n_batches):
                 # Wait for the device now and then, so the live tokens/s is the device's, not the queue's.

@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from runtime import kernels
+
 # A zero row (or token) would give scale 0 and 0/0 on quantization. Any positive floor keeps it at
 # exactly zero; 1e-12 also keeps 1/scale finite and a product of two scales (~1e-24) a normal fp32.
 SCALE_FLOOR = 1e-12
@@ -236,11 +238,17 @@ def int8_linear(x: torch.Tensor, qdata: torch.Tensor, w_scale: torch.Tensor) -> 
     act_scale[:, None] * w_scale[None, :]. Exact integer arithmetic on every device. On the CPU the
     products are summed in fp64 instead (exact too, and 46x faster than the CPU's _int_mm, measured)."""
     q, a_scale = _quantize_rows(x, _INT8)  # [M, K] int8, [M]
+    return int8_product(q, a_scale, qdata, w_scale, x.dtype)
+
+
+def int8_product(q: torch.Tensor, a_scale: torch.Tensor, qdata: torch.Tensor, w_scale: torch.Tensor,
+                 out_dtype: torch.dtype) -> torch.Tensor:
+    """The matrix product of int8_linear for activations quantized already: q [M, K], a_scale [M]."""
     if q.is_cuda and hasattr(torch, "_int_mm"):
         acc = int_mm_padded(q, qdata).float()
     else:  # fp64 holds every int32 partial sum exactly
         acc = (q.double() @ qdata.double().t()).float()
-    return (acc * (a_scale[:, None] * w_scale[None, :])).to(x.dtype)
+    return (acc * (a_scale[:, None] * w_scale[None, :])).to(out_dtype)
 
 
 def _scaled_mm_ok(x: torch.Tensor) -> bool:
@@ -248,21 +256,27 @@ def _scaled_mm_ok(x: torch.Tensor) -> bool:
 
 
 def fp8_linear(x: torch.Tensor, qdata: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
-    """Per-token e4m3 activations times per-row e4m3 weights, row-wise scales.
+    """Per-token e4m3 activations times per-row e4m3 weights, row-wise scales (fp8_product)."""
+    q, a_scale = _quantize_rows(x, _FP8)  # [M, K] e4m3, [M]
+    return fp8_product(q, a_scale, qdata, w_scale, x.dtype)
+
+
+def fp8_product(q: torch.Tensor, a_scale: torch.Tensor, qdata: torch.Tensor, w_scale: torch.Tensor,
+                out_dtype: torch.dtype) -> torch.Tensor:
+    """e4m3 activations q [M, K] with scales a_scale [M] times e4m3 weights qdata [N, K], scales [N].
 
     On CUDA sm_89+: torch._scaled_mm. Elsewhere (CPU, older GPUs) an emulation with the same
     arithmetic: e4m3 values are exact in fp32 and so are their products (4-bit significands), the
     products are summed in fp32 and the sum is scaled by act_scale * w_scale, as the kernel does. Only
     the order of accumulation differs (and Hopper's fp8 tensor cores keep fewer accumulator bits than
     fp32), so results agree to fp32 rounding of the sums, then to the output dtype."""
-    q, a_scale = _quantize_rows(x, _FP8)  # [M, K] e4m3, [M]
-    if _scaled_mm_ok(x):
+    if _scaled_mm_ok(q):
         # Row-wise scaling outputs bf16/fp16 everywhere (fp32 only on sm_90 with cuBLAS >= 12.9).
-        out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+        mm_dtype = out_dtype if out_dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
         return torch._scaled_mm(q, qdata.t(), scale_a=a_scale[:, None].contiguous(),
-                                scale_b=w_scale[None, :].contiguous(), out_dtype=out_dtype).to(x.dtype)
+                                scale_b=w_scale[None, :].contiguous(), out_dtype=mm_dtype).to(out_dtype)
     acc = q.float() @ qdata.float().t()  # [M, N]
-    return (acc * (a_scale[:, None] * w_scale[None, :])).to(x.dtype)
+    return (acc * (a_scale[:, None] * w_scale[None, :])).to(out_dtype)
 
 
 def w8_linear(x: torch.Tensor, qdata: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
@@ -274,6 +288,15 @@ _INT8, _FP8 = Int8WeightInt8Activation(), Float8WeightFloat8Activation()
 _KERNELS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "fp8": fp8_linear, "int8": int8_linear, "w8": w8_linear,
 }
+_PRODUCTS = {"fp8": fp8_product, "int8": int8_product}
+
+
+def swiglu_quantize(a: torch.Tensor, b: torch.Tensor, scheme: _Scheme) -> tuple[torch.Tensor, torch.Tensor]:
+    """silu(a) * b in a's dtype, quantized per token for `scheme`: (q [M, N], scale [M]). One Triton
+    kernel on CUDA (runtime/kernels.py); elsewhere these torch ops, which that kernel must equal."""
+    if kernels.fused_swiglu_available(a):
+        return kernels.swiglu_quantize_cuda(a, b, scheme.weight_dtype, scheme.qmax, SCALE_FLOOR)
+    return _quantize_rows(F.silu(a) * b, scheme)
 
 
 # ---- the module and the swap ---------------------------------------------------------------------
@@ -318,6 +341,17 @@ class QuantLinear(nn.Module):
             x2 = (x2.float() * self.act_pre_scale).to(x.dtype)
         out = _KERNELS[self.scheme.name](x2, self.qdata, self.scale)  # [M, N]
         return out.reshape(*x.shape[:-1], self.out_features)
+
+    def forward_swiglu(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """self(silu(a) * b): w2 of a SwiGLU block, a = w1 x and b = w3 x. With activation
+        quantization the product is quantized as it is made (swiglu_quantize), instead of being
+        written out in the compute dtype and read back to be quantized."""
+        if not self.scheme.quantizes_activations or self.act_pre_scale is not None:
+            return self(F.silu(a) * b)
+        a2, b2 = a.reshape(-1, self.in_features), b.reshape(-1, self.in_features)
+        q, a_scale = swiglu_quantize(a2, b2, self.scheme)
+        out = _PRODUCTS[self.scheme.name](q, a_scale, self.qdata, self.scale, a.dtype)
+        return out.reshape(*a.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

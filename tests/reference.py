@@ -49,6 +49,22 @@ def to_float64(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.double() for k, v in sd.items()}
 
 
+def model_weights_float64(model) -> dict[str, torch.Tensor]:
+    """A runtime Transformer's weights in float64 and in Meta's interleaved RoPE layout, which this
+    reference computes with: the runtime permutes wq/wk rows to the half-split layout at load
+    (Transformer.use_half_split_rope), and this undoes it."""
+    from runtime.model import half_split_order
+
+    W = {k: v.detach().cpu().double() for k, v in model.state_dict().items()}
+    for i, layer in enumerate(model.layers):
+        attn = layer.attention
+        if not attn.rope_interleaved:
+            for name, heads in (("wq", attn.n_heads), ("wk", attn.n_kv_heads)):
+                key = f"layers.{i}.attention.{name}.weight"
+                W[key] = W[key][torch.argsort(half_split_order(heads, attn.head_dim))]
+    return W
+
+
 def loglikelihood(W, args, context: list[int], continuation: list[int]) -> float:
     """lm-eval's loglikelihood of one request: one forward over context + continuation[:-1],
     summing log p(continuation token) at the positions that predict them."""

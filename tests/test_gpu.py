@@ -32,7 +32,7 @@ def test_packed_compiled_matches_float64(requests, n_kv_heads):
     scorer.warmup(batches)
     got = scorer.score(batches)
     eager = score_reference(model, requests, "cuda")
-    W = reference.to_float64({k: v.cpu() for k, v in model.state_dict().items()})
+    W = reference.model_weights_float64(model)
     want = [reference.loglikelihood(W, args, list(r.context), list(r.continuation)) for r in requests[:64]]
     assert max(abs(a - b) for a, b in zip(got[:64], want)) < 1e-3
     assert max(abs(a - b) for a, b in zip(got, eager)) < 1e-3
@@ -85,3 +85,57 @@ def test_quantized_compile_on_cuda_matches_cpu(tmp_path, shared_data, precision)
             assert (a[k].float() == b[k].float()).float().mean() > 0.99, k
         else:
             torch.testing.assert_close(a[k].float(), b[k].float(), rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("precision", ["fp8", "int8"])
+@pytest.mark.parametrize("shape", [(300, 17920), (40, 1000), (17, 8)])
+def test_fused_swiglu_quantize_equals_torch(precision, shape):
+    """The Triton kernel against the torch ops it replaces (silu(a) * b in bf16, per-row quantization):
+    the same scales, and the same quantized values except where silu's last fp32 bit lands on a bf16
+    rounding tie (a few in a million), and there at most one step apart."""
+    from runtime import kernels
+    from runtime.quant import SCALE_FLOOR, SCHEMES, _quantize_rows
+    import torch.nn.functional as F
+
+    if not kernels.fused_swiglu_available(torch.ones(1, device="cuda", dtype=torch.bfloat16)):
+        pytest.skip("no Triton")
+    scheme = SCHEMES[precision]()
+    g = torch.Generator(device="cuda").manual_seed(torch.seed() % 2**31)
+    a = (torch.randn(shape, device="cuda", generator=g) * 3).bfloat16()
+    b = torch.randn(shape, device="cuda", generator=g).bfloat16()
+    a[0] = 0  # a zero row: floored scale, q exactly zero
+    want_q, want_s = _quantize_rows(F.silu(a) * b, scheme)
+    q, s = kernels.swiglu_quantize_cuda(a, b, scheme.weight_dtype, scheme.qmax, SCALE_FLOOR)
+    assert q.dtype == scheme.weight_dtype and s.dtype == torch.float32
+    assert torch.equal(q[0].float(), torch.zeros(shape[1], device="cuda"))
+    assert ((s - want_s).abs() <= 1e-6 * want_s).all()
+    differ = q.float() != want_q.float()
+    assert differ.float().mean().item() < 1e-4
+    if precision == "int8":
+        assert (q.float() - want_q.float()).abs().max().item() <= 1
+    else:  # one e4m3 step: 1/8 of the value's power of two, 2**-9 among subnormals
+        step = torch.maximum(want_q.float().abs() / 8, torch.tensor(2.0 ** -9, device="cuda"))
+        assert ((q.float() - want_q.float()).abs() <= step * 1.0001).all()
+
+
+@pytest.mark.parametrize("precision", ["fp8", "int8"])
+def test_quantized_packed_fused_equals_unfused(requests, precision):
+    """A quantized model's packed, compiled scores with the fused SwiGLU kernel against the same
+    model through the plain torch ops (eager reference loop): equal up to bf16 noise."""
+    from runtime import kernels
+
+    args = ModelArgs(dim=256, n_layers=3, n_heads=8, n_kv_heads=2, vocab_size=32000, multiple_of=64)
+    model = random_model(args, torch.bfloat16, "cuda", seed=3, scheme=precision)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    scorer = PackedScorer(model, "cuda", None, batch_tokens=2048, compile=True)
+    batches = scorer.prepare(requests)
+    scorer.warmup(batches)
+    got = scorer.score(batches)
+    fused = kernels.fused_swiglu_available
+    kernels.fused_swiglu_available = lambda a: False
+    try:
+        ref = score_reference(model, requests, "cuda")
+    finally:
+        kernels.fused_swiglu_available = fused
+    rel = max(abs(a - b) / abs(b) for a, b in zip(got, ref))
+    assert rel < 0.05, rel

@@ -20,7 +20,6 @@ from types import SimpleNamespace
 
 import pytest
 import sentencepiece as spm
-import torch
 
 from runtime.artifact import load_manifest
 from runtime.config import ModelArgs

@@ -1,5 +1,5 @@
-"""What the profiling scripts share: the real HellaSwag requests (LLaMA tokenizer, BOS on, as `hsc bench`)
-and a CUDA-event timer."""
+"""What the profiling scripts share: the real HellaSwag requests (LLaMA tokenizer, BOS on, as `hsc bench`),
+a CUDA-event timer and a profiler kernel table."""
 
 import sys
 from pathlib import Path
@@ -35,3 +35,23 @@ def cuda_ms(fn, n: int = 20) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return sorted(times)[n // 2]
+
+
+def print_kernel_table(step, args, title: str, steps: int = 3, top: int = 24) -> None:
+    """torch.profiler's CUDA kernels of `steps` calls of step(*args) (after 2 untimed ones), per call,
+    longest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(2):
+        step(*args)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step(*args)
+        torch.cuda.synchronize()
+    print(f"=== {title}: per step ({steps} steps)")
+    ka = sorted(prof.key_averages(), key=lambda k: -k.device_time_total)
+    tot = sum(k.device_time_total for k in ka)
+    for k in ka[:top]:
+        print(f"{k.device_time_total / steps / 1e3:8.3f} ms {k.count // steps:4d}x "
+              f"{100 * k.device_time_total / tot:5.1f}%  {k.key[:120]}")

@@ -3,14 +3,13 @@ the full-set batch shape, then attention / RoPE / SwiGLU microbenchmarks (docs/b
 Run on a GPU machine from the repository root: PYTHONPATH=. python3 docs/profiling/step_profile.py bf16 fp8"""
 import sys
 
-from common import cuda_ms, hellaswag_requests  # also puts the repository on sys.path
+from common import cuda_ms, hellaswag_requests, print_kernel_table  # also puts the repository on sys.path
 import torch, torch.nn.functional as F
 from dataclasses import replace
 from runtime.bench import SHAPES, random_model
 from runtime.packed import PackedScorer, attention_mask
 import runtime.packed as P
 from runtime.model import apply_rope
-from torch.profiler import profile, ProfilerActivity
 from torch.nn.attention import sdpa_kernel, SDPBackend
 
 dev = torch.device("cuda")
@@ -27,16 +26,7 @@ for prec in sys.argv[1:]:
     step = torch.compile(lambda *a: P.packed_step(model, *a), fullgraph=True, dynamic=False)
     a0 = (bt.tokens[0], bt.positions[0], bt.subtree_end[0], bt.target_index[0], bt.target_ids[0])
     with torch.inference_mode():
-        for _ in range(3): step(*a0)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(5): step(*a0)
-            torch.cuda.synchronize()
-    print(f"=== {prec}: per step (5 steps, 4 layers)")
-    ka = sorted(prof.key_averages(), key=lambda k: -k.device_time_total)
-    tot = sum(k.device_time_total for k in ka)
-    for k in ka[:22]:
-        print(f"{k.device_time_total/5/1e3:8.3f} ms/step {k.count//5:4d}x  {100*k.device_time_total/tot:5.1f}%  {k.key[:110]}")
+        print_kernel_table(step, a0, f"{prec}, 4 layers", steps=5, top=22)
     del model, sc, step
     torch.cuda.empty_cache()
 
