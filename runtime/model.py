@@ -204,7 +204,7 @@ class Transformer(nn.Module):
 
     def token_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """log p(target | prefix) for hidden states [N, dim] and targets [N], in fp32:
-        logit[target] - logsumexp(logits), with the LM head computed in fp32 so that close
+        logit[target] - logsumexp(logits), with fp32 logits (products summed in fp32) so that close
         answers are not flipped by low-precision logits."""
         w = self.output.weight
         if hidden.is_cuda and hidden.dtype == w.dtype == torch.bfloat16:

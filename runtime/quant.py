@@ -293,7 +293,8 @@ _PRODUCTS = {"fp8": fp8_product, "int8": int8_product}
 
 def swiglu_quantize(a: torch.Tensor, b: torch.Tensor, scheme: _Scheme) -> tuple[torch.Tensor, torch.Tensor]:
     """silu(a) * b in a's dtype, quantized per token for `scheme`: (q [M, N], scale [M]). One Triton
-    kernel on CUDA (runtime/kernels.py); elsewhere these torch ops, which that kernel must equal."""
+    kernel on CUDA (runtime/kernels.py); elsewhere these torch ops, which the kernel matches except
+    for one quantization step on a few elements per million (rounding ties; tests/test_gpu.py)."""
     if kernels.fused_swiglu_available(a):
         return kernels.swiglu_quantize_cuda(a, b, scheme.weight_dtype, scheme.qmax, SCALE_FLOOR)
     return _quantize_rows(F.silu(a) * b, scheme)
