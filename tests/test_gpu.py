@@ -139,3 +139,19 @@ def test_quantized_packed_fused_equals_unfused(requests, precision):
         kernels.fused_swiglu_available = fused
     rel = max(abs(a - b) / abs(b) for a, b in zip(got, ref))
     assert rel < 0.05, rel
+
+
+def test_bf16_head_on_cuda_is_the_fp32_product_of_bf16_values():
+    """On CUDA a bf16 head runs as a bf16 product with fp32 output and keeps no fp32 copy; its
+    log-probs are those of the same bf16 values in float64, to fp32 summation error."""
+    from runtime.model import Transformer
+
+    args = ModelArgs(dim=256, n_layers=1, n_heads=8, vocab_size=32000, multiple_of=64)
+    model = Transformer(args).to(device="cuda", dtype=torch.bfloat16)
+    model.keep_fp32_head()
+    assert model.head_fp32 is None
+    hidden = torch.randn(300, 256, device="cuda").bfloat16()
+    targets = torch.randint(0, 32000, (300,), device="cuda")
+    got = model.token_logprobs(hidden, targets)
+    want = (hidden.double() @ model.output.weight.double().t()).log_softmax(-1)[torch.arange(300, device="cuda"), targets]
+    assert got.dtype == torch.float32 and (got.double() - want).abs().max().item() < 1e-4

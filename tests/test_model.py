@@ -88,3 +88,20 @@ def test_tp_mismatch_refused():
     args = ModelArgs(dim=52 * 4, n_layers=1, n_heads=52, vocab_size=10)
     with pytest.raises(ValueError, match="tp=8"):
         Transformer(args, tp=8)
+
+
+def test_token_logprobs_of_a_bf16_model_use_fp32_logits():
+    """A bf16 model on the CPU keeps an fp32 copy of its head (made once) and its log-probs are those
+    of the bf16 values in float64 arithmetic; an fp32 model keeps no copy."""
+    args = ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=300, multiple_of=32)
+    model = Transformer(args).to(torch.bfloat16)
+    model.keep_fp32_head()
+    assert model.head_fp32.dtype == torch.float32 and torch.equal(model.head_fp32, model.output.weight.float())
+    hidden = torch.randn(7, 64).bfloat16()
+    targets = torch.randint(0, 300, (7,))
+    got = model.token_logprobs(hidden, targets)
+    want = (hidden.double() @ model.output.weight.double().t()).log_softmax(-1)[torch.arange(7), targets]
+    assert got.dtype == torch.float32 and torch.allclose(got.double(), want, atol=1e-5)
+    fp32 = Transformer(args)
+    fp32.keep_fp32_head()
+    assert fp32.head_fp32 is None

@@ -147,6 +147,22 @@ def test_act_pre_scale_is_applied_to_the_input(gen):
         assert sqnr_db(lin(x), no_pre(x)) < 20  # without the pre-scale the output is wrong
 
 
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("pre_scaled", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_swiglu_is_w2_of_silu_product(name, pre_scaled, dtype, gen):
+    """FeedForward's path for a quantized w2 (the quantization made with the product, one kernel on
+    CUDA) computes exactly w2(silu(a) * b) wherever the torch ops run, for every scheme, with and
+    without a runtime pre-scale, in 3-D as the model calls it."""
+    w2 = QuantLinear.from_float(gaussian_linear(96, 32, gen), SCHEMES[name](),
+                                act_pre_scale=torch.rand(96, generator=gen) + 0.5 if pre_scaled else None)
+    a, b = (torch.randn(2, 20, 96, generator=gen).to(dtype) for _ in range(2))
+    with torch.no_grad():
+        got = w2.forward_swiglu(a, b)
+        assert got.shape == (2, 20, 32) and got.dtype == dtype
+        assert torch.equal(got, w2(torch.nn.functional.silu(a) * b))
+
+
 def test_extra_repr_shows_scheme():
     for name, cls in SCHEMES.items():
         text = repr(QuantLinear.from_float(nn.Linear(32, 16, bias=False), cls()))
