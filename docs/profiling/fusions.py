@@ -1,8 +1,8 @@
 """The fused SwiGLU + per-token quantization kernel (runtime/kernels.py), the LM head as a bf16 product
 with fp32 output, and FlexAttention block sizes, against what the runtime did before, at the
 LLaMA-30B full-set batch shape [36 x 448] (docs/benchmarks.md, 2026-11-29, second session).
-`steps` times 4-layer compiled steps (bf16; fp8 and int8 with and without the fused kernel), checks
-each against the eager SDPA path and prints the fused runs' kernel tables.
+`steps` times 4-layer compiled steps (bf16; fp8 and int8 with and without the fused kernel; inductor's
+some inductor settings), checks each against the eager SDPA path and prints kernel tables.
 On a GPU machine from the repository root: PYTHONPATH=. python3 docs/profiling/fusions.py [micro] [head] [attention] [steps]
 (rows print as they are measured: keep the lines starting with "|" when filtering the output)"""
 import sys
@@ -106,8 +106,15 @@ if "attention" in parts:  # attention on a real packed batch
 if "steps" in parts:
     args4 = replace(SHAPES["llama-30b"], n_layers=4)
     fused = kernels.fused_swiglu_available
-    variants = [("bf16", False), ("fp8", False), ("fp8", True), ("int8", False), ("int8", True)]
-    for prec, use_fused in variants:
+    # Inductor settings tried on top of the defaults. multi_kernel: inductor also builds persistent (one
+    # read per row) versions of the norm and quantization reductions over 6,656 columns, which its
+    # default threshold (1,024 columns) leaves looped, and keeps whichever is faster.
+    # coordinate_descent_tuning: tunes the block sizes of the pointwise and reduction kernels.
+    MK, CDT = {"triton.multi_kernel": 1}, {"coordinate_descent_tuning": True}
+    variants = [("bf16", False, {}), ("bf16", False, MK), ("bf16", False, CDT), ("fp8", False, {}),
+                ("fp8", True, {}), ("fp8", True, MK), ("fp8", True, CDT), ("int8", False, {}), ("int8", True, {})]
+
+    def run_variant(prec, use_fused, settings):
         torch._dynamo.reset()
         kernels.fused_swiglu_available = fused if use_fused else (lambda a: False)
         model = random_model(args4, torch.bfloat16, dev, scheme=None if prec == "bf16" else prec)
@@ -121,16 +128,19 @@ if "steps" in parts:
             ms = cuda_ms(lambda: step(*a0), n=10)
             got = step(*a0).clone()
             kernels.fused_swiglu_available = lambda a: False
-            ref = P.packed_step(model, *a0[:5])  # eager, SDPA with the dense mask, torch SwiGLU
+            ref = P.packed_step(model, *a0)  # eager, SDPA with the dense mask, torch SwiGLU
             kernels.fused_swiglu_available = fused if use_fused else (lambda a: False)
             d = (got - ref).abs()
-            rows.append((f"step 4 layers {prec} fused swiglu={use_fused} "
+            rows.append((f"step 4 layers {prec} fused swiglu={use_fused} {settings or ''} "
                          f"(|d logp| vs eager sdpa: mean {d.mean().item():.1e} max {d.max().item():.1e})", ms))
-            if use_fused:
+            if use_fused or settings:
                 eager_step = torch.compile(lambda *a: P.packed_step(model, *a), fullgraph=True, dynamic=False)
-                print_kernel_table(eager_step, a0, f"{prec} fused={use_fused}, 4 layers")
-        del model, sc, step
-        torch.cuda.empty_cache()
+                print_kernel_table(eager_step, a0, f"{prec} fused={use_fused} {settings or ''}, 4 layers")
+
+    for prec, use_fused, settings in variants:
+        with torch._inductor.config.patch(settings):
+            run_variant(prec, use_fused, settings)
+        torch.cuda.empty_cache()  # the variant's model is gone with its frame
     kernels.fused_swiglu_available = fused
 
 print("\n| what | ms |\n|---|---|")
