@@ -152,6 +152,7 @@ class BenchConfig:
     limit: int | None = None  # items [0, limit); default all 10,042
     batch_tokens: int = 16384
     compile: bool = True
+    block_regions: bool = False  # compile one transformer block for all layers (PackedScorer)
     baseline: str = "none"  # "hf": also time lm-eval's transformers loop
     baseline_items: int | None = None  # items for the baseline (and a same-items hsc timing); default all.
     # Fewer than all: every k-th item (baseline_sample), so that the sample has the set's mix of
@@ -206,7 +207,8 @@ def _worker(rank: int, cfg: BenchConfig, requests: list[Request], args: ModelArg
     # replica pack the same items, so their batches (and compiled shapes) are identical.
     replica = rank // cfg.tp
     mine = [r for k in range(replica, len(requests) // 4, replicas) for r in requests[4 * k: 4 * k + 4]]
-    scorer = PackedScorer(model, device, None, cfg.batch_tokens, compile=cfg.compile)
+    scorer = PackedScorer(model, device, None, cfg.batch_tokens, compile=cfg.compile,
+                          block_regions=cfg.block_regions)
     batches = scorer.prepare(mine)
     t0 = time.perf_counter()
     scorer.warmup(batches)
@@ -273,7 +275,7 @@ def run_bench(cfg: BenchConfig, items: list[Item], tokenizer, echo=print) -> dic
     model_flops = tokens * flops_per_token(args, results[0].batch_shape[1] / 2) + 2 * args.dim * args.vocab_size * n_targets
     out = {
         "shape": cfg.shape, "layers": args.n_layers, "precision": cfg.precision, "gpus": cfg.gpus, "tp": cfg.tp,
-        "items": len(items), "tokens": tokens, "scoring_s": round(seconds, 3),
+        "block_regions": cfg.block_regions, "items": len(items), "tokens": tokens, "scoring_s": round(seconds, 3),
         "warmup_s": round(max(r.warmup_s for r in results), 1), "tokens_per_s": round(tokens / seconds),
         "batch_shape": results[0].batch_shape, "peak_gpu_memory_gb": round(max(r.peak_memory for r in results) / 1e9, 2),
         "gemm_tflops_measured": round(rate / 1e12, 1),

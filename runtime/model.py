@@ -155,6 +155,13 @@ class TransformerBlock(nn.Module):
         h = x + self.attention(self.attention_norm(x), cos, sin, attn_mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
+    # The same forward as a nested compile region: torch.compile traces and compiles it once and
+    # stamps the result out for every layer, so compile time stops growing with depth (8 -> 24 layers
+    # on the CPU: 11.3 -> 19.5 s as one graph, 5.9 -> 4.8 s with regions, identical scores). The price:
+    # inductor cannot fuse across a block's edges (the residual add with the next block's norm).
+    # Outside torch.compile it is the plain forward.
+    forward_region = torch.compiler.nested_compile_region(forward)
+
 
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs, tp: int = 1, tp_group=None):
@@ -190,16 +197,17 @@ class Transformer(nn.Module):
         return self
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attn_mask: torch.Tensor | None = None, block_regions: bool = False) -> torch.Tensor:
         """Final-norm hidden states [B, T, dim] (the LM head is applied by the scorer, only
         where a log-prob is needed). tokens/positions: [B, T]; attn_mask: bool [B, 1, T, T]
-        (True = may attend) or None for plain causal attention."""
+        (True = may attend) or None for plain causal attention. block_regions: under torch.compile,
+        compile one block and reuse it for every layer (TransformerBlock.forward_region)."""
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
-            h = layer(h, cos, sin, attn_mask)
+            h = layer.forward_region(h, cos, sin, attn_mask) if block_regions else layer(h, cos, sin, attn_mask)
         return self.norm(h)
 
     def token_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -267,20 +267,23 @@ def attention_mask(subtree_end: torch.Tensor, dtype: torch.dtype | None = None) 
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
-def packed_step(model, tokens, positions, subtree_end, target_index, target_ids) -> torch.Tensor:
-    """log p(target) [N] in fp32 for one packed batch (the function that gets compiled)."""
-    hidden = model(tokens, positions, attention_mask(subtree_end))  # [B, T, D]
+def packed_step(model, tokens, positions, subtree_end, target_index, target_ids,
+                block_regions: bool = False) -> torch.Tensor:
+    """log p(target) [N] in fp32 for one packed batch (the function that gets compiled).
+    block_regions: compile one transformer block for all layers (Transformer.forward)."""
+    hidden = model(tokens, positions, attention_mask(subtree_end), block_regions=block_regions)  # [B, T, D]
     picked = hidden.flatten(0, 1).index_select(0, target_index)  # [N, D]
     return model.token_logprobs(picked, target_ids)
 
 
 class PackedScorer:
     def __init__(self, model, device, row_len: int | None = None, batch_tokens: int = 16384,
-                 rows_per_batch: int | None = None, compile: bool = False):
-        """row_len None: from the data; rows_per_batch None: batch_tokens // row_len."""
+                 rows_per_batch: int | None = None, compile: bool = False, block_regions: bool = False):
+        """row_len None: from the data; rows_per_batch None: batch_tokens // row_len.
+        block_regions (with compile): compile one transformer block and reuse it for every layer."""
         self.model, self.device = model, torch.device(device)
         self.row_len, self.batch_tokens, self.rows_per_batch = row_len, batch_tokens, rows_per_batch
-        step = lambda *a: packed_step(model, *a)
+        step = lambda *a: packed_step(model, *a, block_regions=block_regions)
         # reduce-overhead = inductor kernels replayed through CUDA graphs: one fixed shape, so
         # one graph; without CUDA, plain inductor.
         mode = "reduce-overhead" if self.device.type == "cuda" else None

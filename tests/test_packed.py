@@ -109,6 +109,26 @@ def test_packed_matches_float64_reference(share, monkeypatch):
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5, err_msg=f"seed {seed}")
 
 
+@pytest.mark.parametrize("scheme", [None, "int8"])
+def test_block_regions_compile_gives_the_same_scores(scheme):
+    """One compiled block stamped out for every layer (--block-regions) scores exactly as the model
+    compiled as one graph, float and quantized (CPU inductor)."""
+    from runtime.bench import random_model
+
+    seed = torch.seed() % 2**31
+    requests = _items(random.Random(seed))
+    model = random_model(ARGS, torch.float32, "cpu", seed=seed, scheme=scheme)
+    scores = []
+    for regions in (False, True):
+        torch._dynamo.reset()
+        scorer = PackedScorer(model, "cpu", row_len=64, rows_per_batch=2, compile=True, block_regions=regions)
+        scores.append(scorer.score(scorer.prepare(requests)))
+    np.testing.assert_allclose(scores[1], scores[0], atol=1e-5, rtol=0, err_msg=f"seed {seed}")
+    if scheme is None:  # and both are the float64 reference's
+        want = _reference(reference.model_weights_float64(model), requests)
+        np.testing.assert_allclose(scores[1], want, atol=1e-4, rtol=1e-5, err_msg=f"seed {seed}")
+
+
 def test_single_request_tree_is_its_sequence():
     r = Request(0, 0, (5, 6, 7), (8, 9), False)
     seg = tree_segment([(0, r)])

@@ -146,6 +146,8 @@ def run_cmd(artifact, data, limit, output, bos, device, batch_tokens, engine, co
 @click.option("--limit", type=int, default=None, help="score only the first N items")
 @click.option("--batch-tokens", type=int, default=16384, show_default=True)
 @click.option("--compile/--no-compile", "compile_", default=True, show_default=True)
+@click.option("--block-regions/--no-block-regions", default=False, show_default=True,
+              help="compile one transformer block and reuse it for every layer (warm-up flat in depth)")
 @click.option("--baseline", type=click.Choice(["none", "hf"]), default="none", show_default=True,
               help="hf: also time lm-eval's transformers loop on the same shape")
 @click.option("--baseline-items", type=int, default=None,
@@ -154,8 +156,8 @@ def run_cmd(artifact, data, limit, output, bos, device, batch_tokens, engine, co
 @click.option("--tokenizer", "tokenizer_path", type=click.Path(path_type=Path), default=None,
               help="LLaMA tokenizer.model [default: shared/data/llama-tokenizer.model]")
 @click.option("--output", type=click.Path(path_type=Path), default=None, help="write bench.json here")
-def bench_cmd(shape, precision, gpus, tp, layers, limit, batch_tokens, compile_, baseline, baseline_items, data,
-              tokenizer_path, output):
+def bench_cmd(shape, precision, gpus, tp, layers, limit, batch_tokens, compile_, block_regions, baseline,
+              baseline_items, data, tokenizer_path, output):
     """Time the runtime at a model shape with random weights on the GPU(s), over real HellaSwag tokens."""
     from runtime.bench import BenchConfig, run_bench
     from runtime.hellaswag import load_items
@@ -164,7 +166,8 @@ def bench_cmd(shape, precision, gpus, tp, layers, limit, batch_tokens, compile_,
     tok = Tokenizer("sentencepiece", _llama_tokenizer(tokenizer_path), None, None)
     items, _ = load_items(data)
     cfg = BenchConfig(shape=shape, precision=precision, gpus=gpus, tp=tp, layers=layers, limit=limit,
-                      batch_tokens=batch_tokens, compile=compile_, baseline=baseline, baseline_items=baseline_items)
+                      batch_tokens=batch_tokens, compile=compile_, block_regions=block_regions, baseline=baseline,
+                      baseline_items=baseline_items)
     result = run_bench(cfg, items, tok, echo=click.echo)
     if output:
         Path(output).mkdir(parents=True, exist_ok=True)
