@@ -17,7 +17,7 @@
 #   bash docs/profiling/compile_30b.sh wait 560   # blocks until done or 560 s, then prints the log's tail
 # and repeat `wait` in back-to-back calls until the log says DONE (or FAILED). Outputs (log, manifests,
 # results) are copied to $OUT. For a dry run on a small machine: EXTRA="--layers 1" DEVICE=cpu
-# COMPILE_EXTRA="--calib-items 8 --check-items 0 --alpha 0.85" CK=/tmp/ck.
+# COMPILE_EXTRA="--calib-items 8 --check-items 0 --alpha 0.85" CK=/tmp/ck LIMIT=8 RUN_EXTRA="--device cpu".
 set -euo pipefail
 export PYTHONPATH=$PWD NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 H="python3 -m toolchain.cli"
@@ -28,17 +28,19 @@ OUT=${OUT:-$A/out}
 DEVICE=${DEVICE:-cuda}
 EXTRA=${EXTRA:-}
 COMPILE_EXTRA=${COMPILE_EXTRA:-}
+LIMIT=${LIMIT:-500}  # items scored by the PLAN=x4 runs
+RUN_EXTRA=${RUN_EXTRA:-}
 LOG=$A/log.txt
 mkdir -p "$A" "$OUT"
 
 stamp() { date -u +"%F %T  $*"; }
 
 compile_verify() {  # NAME TARGET PRECISION [TP]
-  local name=$1 target=$2 precision=$3 tp=${4:-}
+  local name=$1 target=$2 precision=$3 tp=${4:-} quant_options=""
+  case "$precision" in fp8|int8|w8) quant_options="--device $DEVICE $COMPILE_EXTRA" ;; esac
   stamp "compile $name"
   # shellcheck disable=SC2086
-  $H compile "$CK" --target "$target" --precision "$precision" ${tp:+--tp $tp} --device "$DEVICE" --force \
-    $COMPILE_EXTRA -o "$A/$name"
+  $H compile "$CK" --target "$target" --precision "$precision" ${tp:+--tp $tp} --force $quant_options -o "$A/$name"
   stamp "inspect --verify $name"
   $H inspect --verify "$A/$name"
   cp "$A/$name/manifest.json" "$OUT/$name-manifest.json"
@@ -55,8 +57,9 @@ steps() {
   if [ "$PLAN" = x4 ]; then
     compile_verify llama30b-v100x4-fp16 v100x4 fp16 4
     for name in llama30b-v100x4-fp16 llama30b-v100x4-w8; do
-      stamp "run $name, 4 GPUs, 500 items"
-      $H run "$A/$name" --nproc 4 --limit 500 --output "$OUT/run-$name" | tail -3
+      stamp "run $name, 4 processes, $LIMIT items"
+      # shellcheck disable=SC2086
+      $H run "$A/$name" --nproc 4 --limit "$LIMIT" $RUN_EXTRA --output "$OUT/run-$name" | tail -3
     done
     python3 docs/profiling/compare_runs.py "$OUT/run-llama30b-v100x4-fp16/samples.jsonl" \
       "$OUT/run-llama30b-v100x4-w8/samples.jsonl"
