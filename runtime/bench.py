@@ -32,7 +32,7 @@ SHAPES = {
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Quantized precisions: the scheme of the seven block linears, everything else in bf16 (as the
 # h200 targets compile them).
-QUANTIZED = {"fp8": "fp8", "int8": "int8", "w8": "w8"}
+QUANTIZED = ("fp8", "int8", "w8")
 PRECISIONS = (*DTYPES, *QUANTIZED)
 
 
@@ -201,8 +201,8 @@ def _worker(rank: int, cfg: BenchConfig, requests: list[Request], args: ModelArg
         group = groups[rank // cfg.tp]
     dtype = compute_dtype(cfg.precision)
     torch.backends.cuda.matmul.allow_tf32 = dtype != torch.float32
-    model = random_model(args, dtype, device, seed=rank, scheme=QUANTIZED.get(cfg.precision), tp=cfg.tp,
-                         tp_group=group)
+    scheme = cfg.precision if cfg.precision in QUANTIZED else None
+    model = random_model(args, dtype, device, seed=rank, scheme=scheme, tp=cfg.tp, tp_group=group)
     # Data parallel: whole items (4 requests each) dealt round-robin to the replicas; the ranks of one
     # replica pack the same items, so their batches (and compiled shapes) are identical.
     replica = rank // cfg.tp
@@ -286,15 +286,15 @@ def run_bench(cfg: BenchConfig, items: list[Item], tokenizer, echo=print) -> dic
     if cfg.baseline == "hf":
         # After the workers have exited, so their GPU memory is free for the transformers model.
         sample = baseline_sample(len(items), cfg.baseline_items)
+        sampled = _requests_of(requests, sample)
         out["baseline_items"] = len(sample)
-        out["baseline_hf_s"] = round(hf_baseline(args, dtype, _requests_of(requests, sample),
-                                                 torch.device("cuda", 0)), 2)
+        out["baseline_hf_s"] = round(hf_baseline(args, dtype, sampled, torch.device("cuda", 0)), 2)
         same = results[0].same_items_s
         out["hsc_same_items_s"] = round(same, 3) if same is not None else out["scoring_s"]
         out["speedup_vs_hf"] = round(out["baseline_hf_s"] / out["hsc_same_items_s"], 2)
         if len(sample) < len(items):  # an estimate, labelled as one: the sample's time scaled by tokens
-            share = sum(len(r.context) + len(r.continuation) for r in _requests_of(requests, sample)) / \
-                sum(len(r.context) + len(r.continuation) for r in requests)
+            n_tokens = lambda reqs: sum(len(r.context) + len(r.continuation) for r in reqs)
+            share = n_tokens(sampled) / n_tokens(requests)
             out["baseline_hf_full_set_estimate_s"] = round(out["baseline_hf_s"] / share, 1)
     echo(" ".join(f"{k}={v}" for k, v in out.items()))
     return out

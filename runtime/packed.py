@@ -13,8 +13,8 @@ batches of `rows_per_batch`: every batch has the same shape, so one compiled gra
 graph) serves the whole set. Attention uses SDPA with a mask built on the device from one small
 per-token tensor (where each token's subtree ends); at row lengths of a few hundred tokens
 attention is a few percent of the FLOPs of a 30B model, so a dense mask costs little and runs on
-every backend. All packing and gather indices are prepared before the timed loop. (FlexAttention with a
-block-sparse mask was faster in isolation but not inside the compiled step: docs/design.md.)
+every backend. All packing and gather indices are prepared before the timed loop. (FlexAttention
+with a block-sparse mask was faster in isolation but not inside the compiled step: docs/design.md.)
 """
 
 from __future__ import annotations
