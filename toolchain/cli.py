@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from runtime.bench import PRECISIONS as BENCH_PRECISIONS
 from runtime.errors import HscError
 from runtime.run import RunConfig
 from toolchain.resources import summary as resources_summary
@@ -137,7 +138,7 @@ def run_cmd(artifact, data, limit, output, bos, device, batch_tokens, engine, co
 @cli.command("bench")
 @click.option("--shape", type=click.Choice(["llama-30b", "llama-7b", "smollm2-135m"]), default="llama-30b",
               show_default=True)
-@click.option("--precision", type=click.Choice(["bf16", "fp16", "fp32", "fp8", "int8", "w8"]), default="bf16",
+@click.option("--precision", type=click.Choice(BENCH_PRECISIONS), default="bf16",
               show_default=True, help="fp8/int8/w8: the seven block linears quantized, the rest bf16")
 @click.option("--gpus", type=int, default=1, show_default=True, help="GPUs: --gpus/--tp data-parallel replicas")
 @click.option("--tp", type=int, default=1, show_default=True,
