@@ -20,7 +20,7 @@ from runtime.errors import HscError
 from runtime.hellaswag import Item
 from runtime.model import Transformer, rope_tables
 from runtime.packed import PackedScorer
-from runtime.quant import SCHEMES, swap_linears
+from runtime.quant import QuantScheme, scheme_for, swap_linears
 from runtime.scoring import Request, build_requests
 
 SHAPES = {
@@ -40,8 +40,8 @@ def compute_dtype(precision: str) -> torch.dtype:
     return torch.bfloat16 if precision in QUANTIZED else DTYPES[precision]
 
 
-def random_model(args: ModelArgs, dtype: torch.dtype, device, seed: int = 0, scheme: str | None = None,
-                 tp: int = 1, tp_group=None) -> Transformer:
+def random_model(args: ModelArgs, dtype: torch.dtype, device, seed: int = 0,
+                 scheme: str | QuantScheme | None = None, tp: int = 1, tp_group=None) -> Transformer:
     """Weights ~ N(0, 1/fan_in), norms 1: activations stay O(1) through any depth. With a scheme,
     each block's linears are then quantized from those weights, one block at a time (so the
     float copy of only one block is alive next to the quantized model). With tp > 1, one rank's
@@ -59,8 +59,9 @@ def random_model(args: ModelArgs, dtype: torch.dtype, device, seed: int = 0, sch
     cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
     model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
     if scheme is not None:
+        scheme = scheme_for(scheme) if isinstance(scheme, str) else scheme
         for block in model.layers:
-            swap_linears(block, SCHEMES[scheme]())
+            swap_linears(block, scheme)
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
     model.keep_fp32_head()
@@ -74,16 +75,18 @@ def flops_per_token(args: ModelArgs, context: int) -> float:
     return args.n_layers * (linear + 4 * context * args.dim)
 
 
-def gemm_rate(precision: str, m: int, k: int, n: int, device) -> float:
+def gemm_rate(precision: str, m: int, k: int, n: int, device, fast_accum: bool = False) -> float:
     """Measured FLOP/s of one [m, k] x [k, n] product with the kernel `precision` runs (median of 20
-    after warm-up): a float matmul; torch._scaled_mm with row-wise scales (fp8); torch._int_mm
-    (int8); w8 runs float matmuls after dequantizing, so its rate is bf16's."""
+    after warm-up): a float matmul; torch._scaled_mm with row-wise scales (fp8, with fast_accum if
+    the run uses it); torch._int_mm (int8); w8 runs float matmuls after dequantizing, so its rate is
+    bf16's."""
     a = torch.randn(m, k, device=device, dtype=compute_dtype(precision))
     b = torch.randn(n, k, device=device, dtype=compute_dtype(precision))
     if precision == "fp8":
         a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn)
         sa, sb = torch.ones(m, 1, device=device), torch.ones(1, n, device=device)
-        product = lambda: torch._scaled_mm(a8, b8.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
+        product = lambda: torch._scaled_mm(a8, b8.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16,
+                                           use_fast_accum=fast_accum)
     elif precision == "int8":
         a8, b8 = a.clamp(-127, 127).to(torch.int8), b.clamp(-127, 127).to(torch.int8)
         product = lambda: torch._int_mm(a8, b8.t())
@@ -152,6 +155,7 @@ class BenchConfig:
     limit: int | None = None  # items [0, limit); default all 10,042
     batch_tokens: int = 16384
     compile: bool = True
+    fast_accum: bool = False  # fp8: torch._scaled_mm's use_fast_accum (Float8WeightFloat8Activation)
     block_regions: bool = False  # compile one transformer block for all layers (PackedScorer)
     baseline: str = "none"  # "hf": also time lm-eval's transformers loop
     baseline_items: int | None = None  # items for the baseline (and a same-items hsc timing); default all.
@@ -201,7 +205,7 @@ def _worker(rank: int, cfg: BenchConfig, requests: list[Request], args: ModelArg
         group = groups[rank // cfg.tp]
     dtype = compute_dtype(cfg.precision)
     torch.backends.cuda.matmul.allow_tf32 = dtype != torch.float32
-    scheme = cfg.precision if cfg.precision in QUANTIZED else None
+    scheme = scheme_for(cfg.precision, cfg.fast_accum) if cfg.precision in QUANTIZED else None
     model = random_model(args, dtype, device, seed=rank, scheme=scheme, tp=cfg.tp, tp_group=group)
     # Data parallel: whole items (4 requests each) dealt round-robin to the replicas; the ranks of one
     # replica pack the same items, so their batches (and compiled shapes) are identical.
@@ -247,6 +251,11 @@ def run_bench(cfg: BenchConfig, items: list[Item], tokenizer, echo=print) -> dic
     if cfg.tp < 1 or cfg.gpus % cfg.tp or args.n_heads % cfg.tp or args.kv_heads % cfg.tp or args.ffn_dim % cfg.tp:
         raise HscError(f"hsc bench --tp {cfg.tp}: must divide --gpus {cfg.gpus} and the shape's {args.n_heads} "
                        f"heads ({args.kv_heads} kv) and ffn {args.ffn_dim}")
+    if cfg.fast_accum:
+        try:
+            scheme_for(cfg.precision, cfg.fast_accum)
+        except ValueError as e:
+            raise HscError(f"hsc bench {e}") from None
     if cfg.tp > 1 and cfg.baseline != "none":
         raise HscError("hsc bench --baseline runs on one GPU; time it without --tp")
     if not torch.cuda.is_available() or torch.cuda.device_count() < cfg.gpus:
@@ -270,12 +279,13 @@ def run_bench(cfg: BenchConfig, items: list[Item], tokenizer, echo=print) -> dic
     seconds = max(r.scoring_s for r in results)
     tokens = sum(r.tokens for r in results if r.rank % cfg.tp == 0)  # each replica's tokens once
     dtype = compute_dtype(cfg.precision)
-    rate = gemm_rate(cfg.precision, cfg.batch_tokens, args.dim, args.ffn_dim, "cuda")
+    rate = gemm_rate(cfg.precision, cfg.batch_tokens, args.dim, args.ffn_dim, "cuda", cfg.fast_accum)
     n_targets = sum(len(r.continuation) for r in requests)
     model_flops = tokens * flops_per_token(args, results[0].batch_shape[1] / 2) + 2 * args.dim * args.vocab_size * n_targets
     out = {
         "shape": cfg.shape, "layers": args.n_layers, "precision": cfg.precision, "gpus": cfg.gpus, "tp": cfg.tp,
-        "block_regions": cfg.block_regions, "items": len(items), "tokens": tokens, "scoring_s": round(seconds, 3),
+        "fast_accum": cfg.fast_accum, "block_regions": cfg.block_regions, "items": len(items), "tokens": tokens,
+        "scoring_s": round(seconds, 3),
         "warmup_s": round(max(r.warmup_s for r in results), 1), "tokens_per_s": round(tokens / seconds),
         "batch_shape": results[0].batch_shape, "peak_gpu_memory_gb": round(max(r.peak_memory for r in results) / 1e9, 2),
         "gemm_tflops_measured": round(rate / 1e12, 1),

@@ -96,6 +96,10 @@ class _Scheme:
                else "compute dtype")
         return f"{self.name} ({type(self).__name__}: weight {self.weight_dtype_name} per-row, activation {act})"
 
+    def product_options(self) -> dict:
+        """Keyword arguments of this scheme's matrix product (the _KERNELS / _PRODUCTS functions)."""
+        return {}
+
     @property
     def weight_dtype_name(self) -> str:
         return str(self.weight_dtype).removeprefix("torch.")
@@ -122,6 +126,23 @@ class Float8WeightFloat8Activation(_ActivationScheme):
     dim_multiple: ClassVar[int] = 16  # torch._scaled_mm
     quantizes_activations: ClassVar[bool] = True
 
+    # Hopper's fp8 tensor cores sum into an accumulator with fewer bits than fp32; by default
+    # torch._scaled_mm moves the partial sums into fp32 registers every few k-steps. True skips that
+    # (use_fast_accum): a faster product, with the rounding error docs/benchmarks.md measures. Only the
+    # GPU kernel has the option: the CPU emulation sums in fp32 either way.
+    fast_accumulation: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.fast_accumulation, bool):
+            raise TypeError(f"fast_accumulation must be a bool, got {self.fast_accumulation!r}")
+
+    def describe(self) -> str:
+        return super().describe() + (", fast accumulation" if self.fast_accumulation else "")
+
+    def product_options(self) -> dict:
+        return {"fast_accum": self.fast_accumulation}
+
 
 @dataclass(frozen=True)
 class Int8WeightInt8Activation(_ActivationScheme):
@@ -147,6 +168,14 @@ SCHEMES: dict[str, type[_Scheme]] = {
     "int8": Int8WeightInt8Activation,
     "w8": Int8WeightOnly,
 }
+
+
+def scheme_for(precision: str, fast_accum: bool = False) -> QuantScheme:
+    """The scheme of a quantized precision ("fp8", "int8", "w8"). fast_accum (fp8's products only:
+    int8 accumulates exactly in int32, w8 in the float compute dtype) is refused elsewhere."""
+    if fast_accum and precision != "fp8":
+        raise ValueError(f"--fast-accum: an option of fp8's products, not of precision {precision}")
+    return SCHEMES[precision](fast_accumulation=True) if fast_accum else SCHEMES[precision]()
 
 
 def scheme_asdict(scheme: _Scheme) -> dict:
@@ -255,26 +284,29 @@ def _scaled_mm_ok(x: torch.Tensor) -> bool:
     return x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 9)
 
 
-def fp8_linear(x: torch.Tensor, qdata: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+def fp8_linear(x: torch.Tensor, qdata: torch.Tensor, w_scale: torch.Tensor,
+               fast_accum: bool = False) -> torch.Tensor:
     """Per-token e4m3 activations times per-row e4m3 weights, row-wise scales (fp8_product)."""
     q, a_scale = _quantize_rows(x, _FP8)  # [M, K] e4m3, [M]
-    return fp8_product(q, a_scale, qdata, w_scale, x.dtype)
+    return fp8_product(q, a_scale, qdata, w_scale, x.dtype, fast_accum)
 
 
 def fp8_product(q: torch.Tensor, a_scale: torch.Tensor, qdata: torch.Tensor, w_scale: torch.Tensor,
-                out_dtype: torch.dtype) -> torch.Tensor:
+                out_dtype: torch.dtype, fast_accum: bool = False) -> torch.Tensor:
     """e4m3 activations q [M, K] with scales a_scale [M] times e4m3 weights qdata [N, K], scales [N].
 
     On CUDA sm_89+: torch._scaled_mm. Elsewhere (CPU, older GPUs) an emulation with the same
     arithmetic: e4m3 values are exact in fp32 and so are their products (4-bit significands), the
     products are summed in fp32 and the sum is scaled by act_scale * w_scale, as the kernel does. Only
     the order of accumulation differs (and Hopper's fp8 tensor cores keep fewer accumulator bits than
-    fp32), so results agree to fp32 rounding of the sums, then to the output dtype."""
+    fp32, the more so with fast_accum), so results agree to the rounding of the sums, then to the
+    output dtype."""
     if _scaled_mm_ok(q):
         # Row-wise scaling outputs bf16/fp16 everywhere (fp32 only on sm_90 with cuBLAS >= 12.9).
         mm_dtype = out_dtype if out_dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
         return torch._scaled_mm(q, qdata.t(), scale_a=a_scale[:, None].contiguous(),
-                                scale_b=w_scale[None, :].contiguous(), out_dtype=mm_dtype).to(out_dtype)
+                                scale_b=w_scale[None, :].contiguous(), out_dtype=mm_dtype,
+                                use_fast_accum=fast_accum).to(out_dtype)
     acc = q.float() @ qdata.float().t()  # [M, N]
     return (acc * (a_scale[:, None] * w_scale[None, :])).to(out_dtype)
 
@@ -340,7 +372,7 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)  # [M, K]
         if self.act_pre_scale is not None:
             x2 = (x2.float() * self.act_pre_scale).to(x.dtype)
-        out = _KERNELS[self.scheme.name](x2, self.qdata, self.scale)  # [M, N]
+        out = _KERNELS[self.scheme.name](x2, self.qdata, self.scale, **self.scheme.product_options())  # [M, N]
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def forward_swiglu(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -351,7 +383,8 @@ class QuantLinear(nn.Module):
             return self(F.silu(a) * b)
         a2, b2 = a.reshape(-1, self.in_features), b.reshape(-1, self.in_features)
         q, a_scale = swiglu_quantize(a2, b2, self.scheme)
-        out = _PRODUCTS[self.scheme.name](q, a_scale, self.qdata, self.scale, a.dtype)
+        out = _PRODUCTS[self.scheme.name](q, a_scale, self.qdata, self.scale, a.dtype,
+                                          **self.scheme.product_options())
         return out.reshape(*a.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

@@ -51,7 +51,8 @@ def test_random_model_tp_slice_has_the_rank_shapes():
     (["--tp", "3"], "--tp 3: must divide --gpus 1 and the shape's 52 heads"),
     (["--gpus", "2", "--tp", "4"], "--tp 4: must divide --gpus 2"),
     (["--gpus", "4", "--tp", "4", "--baseline", "hf"], "--baseline runs on one GPU"),
+    (["--precision", "int8", "--fast-accum"], "hsc bench --fast-accum: an option of fp8's products, not of precision int8"),
 ])
-def test_bench_tp_refusals(hsc, shared_data, argv, message):
+def test_bench_refusals(hsc, shared_data, argv, message):
     code, _, err = hsc("bench", "--shape", "llama-30b", *argv)
     assert code == 1 and message in err and len(err.splitlines()) == 1

@@ -238,6 +238,20 @@ def test_scheme_dict_round_trip(name):
     assert scheme_from_dict(__import__("json").loads(__import__("json").dumps(d))) == scheme
 
 
+def test_fp8_fast_accumulation_is_recorded_and_passed_to_the_product():
+    fast = Float8WeightFloat8Activation(fast_accumulation=True)
+    d = scheme_asdict(fast)
+    assert d["fast_accumulation"] is True and scheme_from_dict(d) == fast != Float8WeightFloat8Activation()
+    # manifests written before the field existed read as the fp32-promoting default
+    assert scheme_from_dict({k: v for k, v in d.items() if k != "fast_accumulation"}).fast_accumulation is False
+    assert fast.product_options() == {"fast_accum": True} and Int8WeightInt8Activation().product_options() == {}
+    assert "fast accumulation" in fast.describe()
+    with pytest.raises(TypeError, match="fast_accumulation must be a bool"):
+        Float8WeightFloat8Activation(fast_accumulation=1)
+    with pytest.raises(ValueError, match="unknown field"):
+        scheme_from_dict({**scheme_asdict(Int8WeightInt8Activation()), "fast_accumulation": True})
+
+
 def test_scheme_dicts_refused():
     good = scheme_asdict(Int8WeightInt8Activation())
     with pytest.raises(ValueError, match="unknown version 2 of quantization scheme 'int8'"):

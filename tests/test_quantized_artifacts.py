@@ -233,6 +233,31 @@ def test_planner_quantized_choices():
     assert 0.5 * f < q < 0.52 * f
 
 
+def test_fast_accum_is_an_fp8_option_recorded_in_the_scheme(hsc, work):
+    code, _, err = hsc("compile", work.root / "ckpt-gqa", "--target", "cpu", "--precision", "int8",
+                       "--fast-accum", "-o", work.root / "never-fa")
+    assert code == 1 and "--fast-accum" in err and "int8" in err and not (work.root / "never-fa").exists()
+    art = _compile(hsc, work, "gqa", "fp8", "cpu", "--fast-accum", "--check-items", "0")
+    assert load_manifest(art).quantization["fast_accumulation"] is True
+    model = build_model(art, load_manifest(art), "cpu")
+    assert model.layers[1].feed_forward.w2.scheme.fast_accumulation is True
+    code, out, _ = hsc("inspect", art)
+    assert code == 0 and "fp8 (scheme v1, fast accumulation)" in out
+
+
+def test_compile_computes_in_fp32_whatever_the_process_tf32_setting():
+    from toolchain.quantize import fp32_matmuls
+
+    saved = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        with fp32_matmuls():
+            assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def test_calibration_options_are_for_quantized_precisions_only(hsc, work):
     code, _, err = hsc("compile", work.root / "ckpt-gqa", "--target", "cpu", "--precision", "fp32",
                        "--calib-items", "8", "-o", work.root / "never2")

@@ -53,6 +53,7 @@ BUILDS = {
     "tp4": ("h200x4", 4, "fp32"),  # TP=4, DP=1
     "tp2": ("h200x2", 2, "fp32"),  # TP=2, DP=1
     "tp2dp2": ("h200x4", 2, "fp32"),  # TP=2, DP=2
+    "dp2": ("h200x2", 1, "fp32"),  # TP=1, DP=2
 }
 
 
@@ -164,7 +165,8 @@ def test_v100x4_writes_four_fp16_rank_files(built, hsc, tmp_path):
 
 
 @pytest.mark.parametrize("model, build, world", [
-    ("gqa", "tp4", 4), ("mha", "tp4", 4), ("gqa", "tp2", 2), ("gqa", "tp2dp2", 4), ("mha", "tp2dp2", 4)])
+    ("gqa", "tp4", 4), ("mha", "tp4", 4), ("gqa", "tp2", 2), ("gqa", "tp2dp2", 4), ("mha", "tp2dp2", 4),
+    ("gqa", "dp2", 2)])
 def test_parallel_run_matches_one_process(built, tmp_path, model, build, world):
     art = built.arts[model][build]
     assert load_manifest(art).mapping.world_size == world
@@ -375,9 +377,14 @@ def test_manifest_without_target_info_or_resources_still_loads(built, tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-def test_tp2_over_nccl_matches_one_gpu(built, tmp_path):
-    """fp32 TP=2 on 2 GPUs (NCCL, the default engine as `hsc run` picks it) against TP=1 on one GPU."""
+@pytest.mark.parametrize("build, nproc, tp, dp", [("tp2", 2, 2, 1), ("dp2", 2, 1, 2), ("tp4", 4, 4, 1),
+                                                  ("tp2dp2", 4, 2, 2)])
+def test_parallel_runs_over_nccl_match_one_gpu(built, tmp_path, build, nproc, tp, dp):
+    """fp32 on N GPUs (NCCL; compiled with CUDA graphs, as `hsc run` picks it) against TP=1 on one GPU:
+    the same items in the same order, log-likelihoods within 1e-3."""
+    if torch.cuda.device_count() < nproc:
+        pytest.skip(f"needs {nproc} GPUs")
+
     def hsc_run(art, out, *extra):
         proc = subprocess.run([sys.executable, "-m", "toolchain.cli", "run", art, "--data", built.data,
                                "--limit", str(N_ITEMS), "--output", out, *extra],
@@ -386,7 +393,8 @@ def test_tp2_over_nccl_matches_one_gpu(built, tmp_path):
         return read_samples(out)
 
     one = hsc_run(built.arts["gqa"]["tp1"], tmp_path / "one", "--device", "cuda")
-    two = hsc_run(built.arts["gqa"]["tp2"], tmp_path / "two", "--nproc", "2")
-    assert [s["index"] for s in two] == [s["index"] for s in one]
-    assert max(abs(a - b) for g, w in zip(two, one) for a, b in zip(g["loglik"], w["loglik"])) < 1e-3
-    assert json.loads((tmp_path / "two" / "results.json").read_text())["backend"] == "nccl"
+    many = hsc_run(built.arts["gqa"][build], tmp_path / "many", "--nproc", str(nproc))
+    assert [s["index"] for s in many] == [s["index"] for s in one]
+    assert max(abs(a - b) for g, w in zip(many, one) for a, b in zip(g["loglik"], w["loglik"])) < 1e-3
+    results = json.loads((tmp_path / "many" / "results.json").read_text())
+    assert (results["backend"], results["tp"], results["dp"]) == ("nccl", tp, dp)

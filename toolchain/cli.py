@@ -59,13 +59,18 @@ def cli():
 @click.option("--max-drop", type=float, default=None,
               help="quantized: refuse to write the artifact if acc_norm on the check items drops by more than "
                    "X points (docs/quantization.md)")
+@click.option("--fast-accum", is_flag=True,
+              help="fp8: torch._scaled_mm's fast accumulation, faster with fewer accumulator bits "
+                   "(docs/quantization.md)")
 def compile_cmd(source, target, precision, out_dir, tokenizer_path, tp, force, calib_data, calib_items,
-                calib_seed, alpha, no_smooth, device, check_items, max_drop):
+                calib_seed, alpha, no_smooth, device, check_items, max_drop, fast_accum):
     """Compile SOURCE (a Meta checkpoint directory, a .gguf file, or `smollm2`) for TARGET."""
     from toolchain.compile import QuantOptions, compile_checkpoint
 
     quant = None
     given = (calib_data, calib_items, calib_seed, alpha, device, check_items, max_drop)
+    if fast_accum and precision != "fp8":  # also auto: it never picks fp8
+        raise HscError(f"--fast-accum: an option of fp8's products, not of precision {precision}")
     if any(v is not None for v in given) or no_smooth or precision in ("fp8", "int8", "w8"):
         if calib_items is not None and calib_items < 1:
             raise HscError(f"--calib-items {calib_items}: must be at least 1")
@@ -84,7 +89,8 @@ def compile_cmd(source, target, precision, out_dir, tokenizer_path, tp, force, c
                              calib_seed=d.calib_seed if calib_seed is None else calib_seed,
                              alpha=d.alpha if alpha is None else alpha, smooth=not no_smooth,
                              device=d.device if device is None else device,
-                             check_items=d.check_items if check_items is None else check_items, max_drop=max_drop)
+                             check_items=d.check_items if check_items is None else check_items, max_drop=max_drop,
+                             fast_accum=fast_accum)
     manifest, path = compile_checkpoint(source, target, precision, out_dir, _command_line(),
                                         tokenizer_path=tokenizer_path, tp=tp, force=force, log=click.echo,
                                         quant=quant)
@@ -147,6 +153,8 @@ def run_cmd(artifact, data, limit, output, bos, device, batch_tokens, engine, co
 @click.option("--limit", type=int, default=None, help="score only the first N items")
 @click.option("--batch-tokens", type=int, default=16384, show_default=True)
 @click.option("--compile/--no-compile", "compile_", default=True, show_default=True)
+@click.option("--fast-accum", is_flag=True,
+              help="fp8: torch._scaled_mm's fast accumulation (fewer accumulator bits, docs/quantization.md)")
 @click.option("--block-regions/--no-block-regions", default=False, show_default=True,
               help="compile one transformer block and reuse it for every layer (warm-up flat in depth)")
 @click.option("--baseline", type=click.Choice(["none", "hf"]), default="none", show_default=True,
@@ -157,8 +165,8 @@ def run_cmd(artifact, data, limit, output, bos, device, batch_tokens, engine, co
 @click.option("--tokenizer", "tokenizer_path", type=click.Path(path_type=Path), default=None,
               help="LLaMA tokenizer.model [default: shared/data/llama-tokenizer.model]")
 @click.option("--output", type=click.Path(path_type=Path), default=None, help="write bench.json here")
-def bench_cmd(shape, precision, gpus, tp, layers, limit, batch_tokens, compile_, block_regions, baseline,
-              baseline_items, data, tokenizer_path, output):
+def bench_cmd(shape, precision, gpus, tp, layers, limit, batch_tokens, compile_, fast_accum, block_regions,
+              baseline, baseline_items, data, tokenizer_path, output):
     """Time the runtime at a model shape with random weights on the GPU(s), over real HellaSwag tokens."""
     from runtime.bench import BenchConfig, run_bench
     from runtime.hellaswag import load_items
@@ -167,8 +175,8 @@ def bench_cmd(shape, precision, gpus, tp, layers, limit, batch_tokens, compile_,
     tok = Tokenizer("sentencepiece", _llama_tokenizer(tokenizer_path), None, None)
     items, _ = load_items(data)
     cfg = BenchConfig(shape=shape, precision=precision, gpus=gpus, tp=tp, layers=layers, limit=limit,
-                      batch_tokens=batch_tokens, compile=compile_, block_regions=block_regions, baseline=baseline,
-                      baseline_items=baseline_items)
+                      batch_tokens=batch_tokens, compile=compile_, fast_accum=fast_accum,
+                      block_regions=block_regions, baseline=baseline, baseline_items=baseline_items)
     result = run_bench(cfg, items, tok, echo=click.echo)
     if output:
         Path(output).mkdir(parents=True, exist_ok=True)
@@ -251,7 +259,8 @@ def inspect_cmd(artifact, verify, as_json):
     click.echo(f"tokenizer  {t.file} ({t.kind}), bos {t.bos_id} eos {t.eos_id}, add_bos {t.add_bos}")
     if m.quantization is not None:
         q = m.quantization
-        click.echo(f"quantized  {q.get('name')} (scheme v{q.get('version')}), block linears; "
+        fast = ", fast accumulation" if q.get("fast_accumulation") else ""
+        click.echo(f"quantized  {q.get('name')} (scheme v{q.get('version')}{fast}), block linears; "
                    f"embeddings/norms/LM head and compute in {m.compute_dtype}")
     if m.calibration is not None:
         c = m.calibration

@@ -18,13 +18,13 @@ import torch
 from runtime.config import (FORMAT_VERSION, MANIFEST_NAME, PRECISION_DTYPES, QUANTIZED_PRECISIONS, LAYER_TENSORS,
                             Manifest, Provenance, ShardFile, TokenizerInfo, global_shapes, layer_shapes)
 from runtime.errors import HscError, file_error
-from runtime.quant import SCHEMES
+from runtime.quant import scheme_for
 from toolchain import __version__
 from toolchain.hashing import combined_sha256
 from toolchain.resources import ResourceMonitor
 from toolchain.safetensors_writer import StreamingSafetensorsWriter
 from toolchain.shard import shard_shape, shard_tensor
-from toolchain.quantize import (CALIBRATION_FILE, QuantOptions, calibrate_source, calibration_items,
+from toolchain.quantize import (CALIBRATION_FILE, QuantOptions, fp32_matmuls, calibrate_source, calibration_items,
                                 check_quant_shapes, finish_check, quant_layout, quant_manifest_fields,
                                 quantized_stream, start_check)
 from toolchain.source import ModelSource, check_shape
@@ -108,7 +108,11 @@ def write_artifact(src: ModelSource, plan: Plan, target: str, out_dir: Path, com
     shapes = _all_shapes(src)
     scheme = None
     if quantized:
-        scheme, quant = SCHEMES[plan.precision](), quant or QuantOptions()
+        quant = quant or QuantOptions()
+        try:
+            scheme = scheme_for(plan.precision, quant.fast_accum)
+        except ValueError as e:
+            raise HscError(str(e)) from None
         check_quant_shapes(src, scheme, tp)
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -211,8 +215,9 @@ def compile_checkpoint(source: str | Path, target_name: str, precision: str, out
                                f"(use --precision {' or '.join(QUANTIZED_PRECISIONS)})")
             raise HscError(f"--calib-data/--calib-items/--calib-seed/--alpha/--no-smooth/--device/--check-items apply "
                            f"to the quantized precisions ({', '.join(QUANTIZED_PRECISIONS)}), not {plan.precision}")
-        return write_artifact(src, plan, target.name, out_dir, command, quant=quant, log=log,
-                              monitor=monitor), out_dir
+        with fp32_matmuls():
+            return write_artifact(src, plan, target.name, out_dir, command, quant=quant, log=log,
+                                  monitor=monitor), out_dir
 
 
 def _target_info(t) -> dict:

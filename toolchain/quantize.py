@@ -11,6 +11,7 @@ refuses the artifact when acc_norm on them drops by more than it allows.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,7 @@ class QuantOptions:
     device: str = "auto"  # where calibration, smoothing and quantization compute: auto = CUDA if present
     check_items: int = 256  # held-out items of the float-vs-quantized check (0: no check)
     max_drop: float | None = None  # acc_norm points the check may lose; more refuses the artifact
+    fast_accum: bool = False  # fp8 only: Float8WeightFloat8Activation.fast_accumulation
 
     def __post_init__(self):
         if self.check_items < 0:
@@ -60,6 +62,19 @@ class QuantOptions:
                 raise HscError(f"--max-drop {self.max_drop:g}: must be a number of acc_norm points, 0 or more")
             if self.check_items == 0:
                 raise HscError("--max-drop needs the quantization check, which --check-items 0 turns off")
+
+
+@contextlib.contextmanager
+def fp32_matmuls():
+    """fp32 products stay fp32 on the GPU while the compiler calibrates, smooths and checks. A process
+    that switched TF32 on (hsc run does, for bf16) would otherwise move the activation maxima, and the
+    scales and alphas chosen from them, by ~1e-3 relative, so that the artifact depended on it."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def compute_device(opts: QuantOptions) -> torch.device:

@@ -3,7 +3,7 @@ with fp32 output, and FlexAttention block sizes, against what the runtime did be
 LLaMA-30B full-set batch shape [36 x 448] (docs/benchmarks.md, 2026-11-29, second session).
 `steps` times 4-layer compiled steps (bf16; fp8 and int8 with and without the fused kernel; inductor's
 some inductor settings), checks each against the eager SDPA path and prints kernel tables.
-On a GPU machine from the repository root: PYTHONPATH=. python3 docs/profiling/fusions.py [micro] [head] [attention] [steps]
+On a GPU machine from the repository root: PYTHONPATH=. python3 docs/profiling/fusions.py [micro] [accum] [head] [attention] [steps]
 (rows print as they are measured: keep the lines starting with "|" when filtering the output)"""
 import sys
 from dataclasses import replace
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import runtime.packed as P
 from runtime import kernels
 from runtime.bench import SHAPES, random_model
-from runtime.quant import SCALE_FLOOR, _quantize_rows, SCHEMES
+from runtime.quant import SCALE_FLOOR, _quantize_rows, SCHEMES, QuantLinear
 from runtime.packed import PackedScorer, attention_mask
 
 dev = torch.device("cuda")
@@ -27,7 +27,7 @@ class Rows(list):
 
 
 rows = Rows()
-parts = sys.argv[1:] or ["micro", "head", "attention", "steps"]
+parts = sys.argv[1:] or ["micro", "accum", "head", "attention", "steps"]
 reqs = hellaswag_requests(1500)
 
 if "micro" in parts:
@@ -52,6 +52,34 @@ if "micro" in parts:
                          f"max rel {steps:.2e}, scale rel {srel:.1e})", cuda_ms(fn)))
     rows.append(("copy of one [16128, 17920] bf16 (read+write)", cuda_ms(lambda: a.clone())))
     del a, b
+
+if "accum" in parts:  # fp8 row-wise _scaled_mm with and without fast accumulation, 30B shapes
+    M = 16128
+    g = torch.Generator(device=dev).manual_seed(1)
+    fp8 = SCHEMES["fp8"]()
+    for name, K, N in (("wq", 6656, 6656), ("w1", 6656, 17920), ("w2", 17920, 6656)):
+        x = torch.randn(M, K, device=dev, generator=g).bfloat16()
+        w = (torch.randn(N, K, device=dev, generator=g) / K ** 0.5).bfloat16()
+        q, qs = _quantize_rows(x, fp8)
+        wq, ws = _quantize_rows(w, fp8)
+        # the exact product of the quantized values (fp64), and the bf16 product (quantization's size)
+        exact = (q.double() * qs.double()[:, None]) @ (wq.double() * ws.double()[:, None]).t()
+        rms = exact.pow(2).mean().sqrt().item()
+        bf = (x @ w.t()).double()
+        flops = 2 * M * K * N
+        rows.append((f"{name} bf16 mm ({flops / cuda_ms(lambda: x @ w.t()) / 1e9:.0f} TFLOP/s)",
+                     cuda_ms(lambda: x @ w.t())))
+        rows.append((f"{name} fp8 quantization error vs bf16 product: rms/rms(out) "
+                     f"{((exact - bf).pow(2).mean().sqrt() / rms).item():.1e}", 0.0))
+        for fast in (False, True):
+            mm = lambda: torch._scaled_mm(q, wq.t(), scale_a=qs[:, None].contiguous(), scale_b=ws[None, :].contiguous(),
+                                          out_dtype=torch.bfloat16, use_fast_accum=fast)
+            d = (mm().double() - exact)
+            t = cuda_ms(mm)
+            rows.append((f"{name} fp8 rowwise fast_accum={fast} ({flops / t / 1e9:.0f} TFLOP/s; vs exact: "
+                         f"rms {(d.pow(2).mean().sqrt() / rms).item():.1e}, max {(d.abs().max() / rms).item():.1e} of rms(out))", t))
+        del x, w, q, wq, exact, bf, d
+    torch.cuda.empty_cache()
 
 if "head" in parts:  # LM head at the scored positions of one batch
     n_t = 11776
@@ -111,13 +139,15 @@ if "steps" in parts:
     # default threshold (1,024 columns) leaves looped, and keeps whichever is faster.
     # coordinate_descent_tuning: tunes the block sizes of the pointwise and reduction kernels.
     MK, CDT = {"triton.multi_kernel": 1}, {"coordinate_descent_tuning": True}
-    variants = [("bf16", False, {}), ("bf16", False, MK), ("bf16", False, CDT), ("fp8", False, {}),
-                ("fp8", True, {}), ("fp8", True, MK), ("fp8", True, CDT), ("int8", False, {}), ("int8", True, {})]
+    # (precision, fused SwiGLU kernel, inductor settings, fp8 fast accumulation)
+    variants = [("bf16", False, {}, False), ("bf16", False, MK, False), ("bf16", False, CDT, False),
+                ("fp8", True, {}, False), ("fp8", True, MK, False), ("fp8", True, CDT, False), ("fp8", True, {}, True)]
 
-    def run_variant(prec, use_fused, settings):
+    def run_variant(prec, use_fused, settings, fast):
         torch._dynamo.reset()
         kernels.fused_swiglu_available = fused if use_fused else (lambda a: False)
-        model = random_model(args4, torch.bfloat16, dev, scheme=None if prec == "bf16" else prec)
+        scheme = None if prec == "bf16" else SCHEMES[prec](fast_accumulation=True) if fast else prec
+        model = random_model(args4, torch.bfloat16, dev, scheme=scheme)
         sc = PackedScorer(model, dev, row_len=448, rows_per_batch=36, compile=True)
         bt = sc.prepare(reqs)
         step = sc.step  # compiled, CUDA graphs
@@ -127,19 +157,23 @@ if "steps" in parts:
                 step(*a0)
             ms = cuda_ms(lambda: step(*a0), n=10)
             got = step(*a0).clone()
+            if fast:  # the reference: the same weights, partial sums promoted to fp32
+                for m in model.modules():
+                    if isinstance(m, QuantLinear):
+                        m.scheme = SCHEMES["fp8"]()
             kernels.fused_swiglu_available = lambda a: False
             ref = P.packed_step(model, *a0)  # eager, SDPA with the dense mask, torch SwiGLU
             kernels.fused_swiglu_available = fused if use_fused else (lambda a: False)
             d = (got - ref).abs()
-            rows.append((f"step 4 layers {prec} fused swiglu={use_fused} {settings or ''} "
+            rows.append((f"step 4 layers {prec} fused swiglu={use_fused} {settings or ''} {'fast accum' if fast else ''}"
                          f"(|d logp| vs eager sdpa: mean {d.mean().item():.1e} max {d.max().item():.1e})", ms))
-            if use_fused or settings:
+            if settings or fast or prec == "bf16":
                 eager_step = torch.compile(lambda *a: P.packed_step(model, *a), fullgraph=True, dynamic=False)
                 print_kernel_table(eager_step, a0, f"{prec} fused={use_fused} {settings or ''}, 4 layers")
 
-    for prec, use_fused, settings in variants:
+    for prec, use_fused, settings, fast in variants:
         with torch._inductor.config.patch(settings):
-            run_variant(prec, use_fused, settings)
+            run_variant(prec, use_fused, settings, fast)
         torch.cuda.empty_cache()  # the variant's model is gone with its frame
     kernels.fused_swiglu_available = fused
 

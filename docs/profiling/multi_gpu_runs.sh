@@ -3,6 +3,7 @@
 # (each part fits the 10-minute limit of a device call). From the repository root, with shared/ carried:
 #
 #   bash docs/profiling/multi_gpu_runs.sh tp      # NCCL test; 2-layer 30B shape: TP=4 and DP=4 vs TP=1, 500 items
+#                                                 # (N=2 bash ... tp: TP=2 and DP=2 on kind nvidia-h200-x2)
 #   bash docs/profiling/multi_gpu_runs.sh dp      # hsc bench, 30B shape, full set, 4 GPUs data parallel: bf16, fp8
 #   bash docs/profiling/multi_gpu_runs.sh tp4     # hsc bench, 30B shape, full set, the v100x4 plan (TP=4, fp16)
 #   bash docs/profiling/multi_gpu_runs.sh smol    # SmolLM2 full set, 1 GPU vs 4 (data parallel), fp32 and bf16:
@@ -12,21 +13,32 @@
 set -euo pipefail
 export PYTHONPATH=$PWD NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 H="python3 -m toolchain.cli"
+N=${N:-4}
 W=${W:-/tmp/hsc-x4}
 OUT=${OUT:-$W/out}
 mkdir -p "$W" "$OUT"
+stamp() { date -u +"%T  $*" >&2; }
 case "${1:-}" in
   tp)
-    python3 -m pytest -q -m gpu tests/test_tensor_parallel.py 2>&1 | tail -2
+    # N=2 (kind nvidia-h200-x2) does the same with TP=2 and DP=2 on h200x2 plans.
+    stamp "NCCL tests"
+    timeout 300 python3 -m pytest -q -m gpu tests/test_tensor_parallel.py 2>&1 | tail -2 || true
+    stamp "random-checkpoint"
     $H random-checkpoint --shape llama-30b --layers 2 --shards 4 --no-checklist --force -o "$W/ckpt2"
-    # fp16 everywhere, so that only the parallel layout differs between the three runs.
+    # fp16 everywhere, so that only the parallel layout differs between the three runs. 2 layers fit one
+    # GPU: --tp forces the tensor-parallel plan (for N=4, the v100x4 one).
+    stamp "compile tp1, tp$N, dp$N"
     $H compile "$W/ckpt2" --target h200x1 --precision fp16 --force -o "$W/tp1"
-    $H compile "$W/ckpt2" --target v100x4 --precision fp16 --tp 4 --force -o "$W/tp4"   # 2 layers fit one GPU: force the 30B plan
-    $H compile "$W/ckpt2" --target h200x4 --precision fp16 --force -o "$W/dp4"
+    if [ "$N" = 4 ]; then tp_target=v100x4; else tp_target=h200x$N; fi
+    $H compile "$W/ckpt2" --target $tp_target --precision fp16 --tp "$N" --force -o "$W/tp$N"
+    $H compile "$W/ckpt2" --target "h200x$N" --precision fp16 --tp 1 --force -o "$W/dp$N"
+    stamp "run tp$N"
+    $H run "$W/tp$N" --nproc "$N" --limit 500 --output "$OUT/tp$N" | tail -2
+    stamp "run dp$N"
+    $H run "$W/dp$N" --nproc "$N" --limit 500 --output "$OUT/dp$N" | tail -2
+    stamp "run tp1"
     $H run "$W/tp1" --limit 500 --output "$OUT/tp1" | tail -2
-    $H run "$W/tp4" --nproc 4 --limit 500 --output "$OUT/tp4" | tail -2
-    $H run "$W/dp4" --nproc 4 --limit 500 --output "$OUT/dp4" | tail -2
-    python3 docs/profiling/compare_runs.py "$OUT/tp1/samples.jsonl" "$OUT/tp4/samples.jsonl" "$OUT/dp4/samples.jsonl"
+    python3 docs/profiling/compare_runs.py "$OUT/tp1/samples.jsonl" "$OUT/tp$N/samples.jsonl" "$OUT/dp$N/samples.jsonl"
     ;;
   dp)
     for p in bf16 fp8; do
