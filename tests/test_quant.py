@@ -252,6 +252,29 @@ def test_fp8_fast_accumulation_is_recorded_and_passed_to_the_product():
         scheme_from_dict({**scheme_asdict(Int8WeightInt8Activation()), "fast_accumulation": True})
 
 
+def test_fast_accumulation_reaches_scaled_mm(gen, monkeypatch):
+    """Both products of a fp8 QuantLinear (forward, forward_swiglu) hand the scheme's choice to
+    torch._scaled_mm. The CPU has no such kernel here: the GPU branch is taken with a recording stand-in."""
+    import runtime.quant as Q
+
+    seen = []
+
+    def fake_scaled_mm(a, b, *, scale_a, scale_b, out_dtype, use_fast_accum):
+        seen.append(use_fast_accum)
+        return torch.zeros(a.shape[0], b.shape[1], dtype=out_dtype)
+
+    monkeypatch.setattr(Q, "_scaled_mm_ok", lambda x: True)
+    monkeypatch.setattr(torch, "_scaled_mm", fake_scaled_mm)
+    monkeypatch.setattr(Q.kernels, "fused_swiglu_available", lambda a: False)
+    lin = gaussian_linear(64, 32, gen)
+    x = torch.randn(5, 64, generator=gen)
+    for fast in (False, True):
+        q = QuantLinear.from_float(lin, Float8WeightFloat8Activation(fast_accumulation=fast))
+        q(x)
+        QuantLinear.from_float(gaussian_linear(32, 16, gen), q.scheme).forward_swiglu(x[:, :32], x[:, 32:])
+    assert seen == [False, False, True, True]
+
+
 def test_scheme_dicts_refused():
     good = scheme_asdict(Int8WeightInt8Activation())
     with pytest.raises(ValueError, match="unknown version 2 of quantization scheme 'int8'"):
