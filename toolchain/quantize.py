@@ -241,6 +241,9 @@ def start_check(src: ModelSource, items: list[Item], source: str, tokenizer: Tok
     fewer = f" (of {opts.check_items} asked: no more left after calibration)" if len(chosen) < opts.check_items else ""
     log(f"check: {len(chosen)} held-out items{fewer} of {source} (seed {opts.calib_seed}, disjoint from calibration), "
         f"float fp32 vs quantized {str(check_dtype).removeprefix('torch.')} on {device}")
+    if opts.fast_accum and device.type != "cuda":
+        log(f"check: note: on {device} the fp8 products are emulated with fp32 sums; the GPU's fast accumulation "
+            "is not part of this check (compile with --device cuda to include it)")
     return QuantCheck(src.args, chosen, tokenizer, add_bos, device=device, dtype=check_dtype,
                       batch_tokens=opts.batch_tokens, source=source)
 

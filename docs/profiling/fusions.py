@@ -1,8 +1,9 @@
-"""The fused SwiGLU + per-token quantization kernel (runtime/kernels.py), the LM head as a bf16 product
-with fp32 output, and FlexAttention block sizes, against what the runtime did before, at the
-LLaMA-30B full-set batch shape [36 x 448] (docs/benchmarks.md, 2026-11-29, second session).
-`steps` times 4-layer compiled steps (bf16; fp8 and int8 with and without the fused kernel; inductor's
-some inductor settings), checks each against the eager SDPA path and prints kernel tables.
+"""The fused SwiGLU + per-token quantization kernel (runtime/kernels.py), fp8 products with and without
+fast accumulation (`accum`), the LM head as a bf16 product with fp32 output, and FlexAttention block
+sizes, against what the runtime did before, at the LLaMA-30B full-set batch shape [36 x 448]
+(docs/benchmarks.md, 2026-11-29, second and third sessions).
+`steps` times 4-layer compiled steps (bf16 and fp8 under some inductor settings; fp8 with fast
+accumulation), checks each against the eager SDPA path and prints kernel tables.
 On a GPU machine from the repository root: PYTHONPATH=. python3 docs/profiling/fusions.py [micro] [accum] [head] [attention] [steps]
 (rows print as they are measured: keep the lines starting with "|" when filtering the output)"""
 import sys
