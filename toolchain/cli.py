@@ -65,12 +65,16 @@ def cli():
 def compile_cmd(source, target, precision, out_dir, tokenizer_path, tp, force, calib_data, calib_items,
                 calib_seed, alpha, no_smooth, device, check_items, max_drop, fast_accum):
     """Compile SOURCE (a Meta checkpoint directory, a .gguf file, or `smollm2`) for TARGET."""
+    from runtime.quant import scheme_for
     from toolchain.compile import QuantOptions, compile_checkpoint
 
     quant = None
     given = (calib_data, calib_items, calib_seed, alpha, device, check_items, max_drop)
-    if fast_accum and precision != "fp8":  # also auto: it never picks fp8
-        raise HscError(f"--fast-accum: an option of fp8's products, not of precision {precision}")
+    if fast_accum:  # refused here for every precision but fp8, auto included (it never picks fp8)
+        try:
+            scheme_for(precision, fast_accum)
+        except ValueError as e:
+            raise HscError(str(e)) from None
     if any(v is not None for v in given) or no_smooth or precision in ("fp8", "int8", "w8"):
         if calib_items is not None and calib_items < 1:
             raise HscError(f"--calib-items {calib_items}: must be at least 1")

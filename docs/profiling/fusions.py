@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import runtime.packed as P
 from runtime import kernels
 from runtime.bench import SHAPES, random_model
-from runtime.quant import SCALE_FLOOR, _quantize_rows, SCHEMES, QuantLinear
+from runtime.quant import SCALE_FLOOR, _quantize_rows, SCHEMES, QuantLinear, scheme_for
 from runtime.packed import PackedScorer, attention_mask
 
 dev = torch.device("cuda")
@@ -147,7 +147,7 @@ if "steps" in parts:
     def run_variant(prec, use_fused, settings, fast):
         torch._dynamo.reset()
         kernels.fused_swiglu_available = fused if use_fused else (lambda a: False)
-        scheme = None if prec == "bf16" else SCHEMES[prec](fast_accumulation=True) if fast else prec
+        scheme = None if prec == "bf16" else scheme_for(prec, fast)
         model = random_model(args4, torch.bfloat16, dev, scheme=scheme)
         sc = PackedScorer(model, dev, row_len=448, rows_per_batch=36, compile=True)
         bt = sc.prepare(reqs)
