@@ -254,17 +254,14 @@ def pack(segments: list[Segment], row_len: int, rows_per_batch: int, target_mult
     return Batches(t(tokens), t(positions), t(slot), t(subtree_end), t(idx), t(ids), t(req), real)
 
 
-def attention_mask(subtree_end: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """[B, 1, T, T]: query i may read key j iff j is i or an ancestor of i in its segment's tree,
-    i.e. j <= i < subtree_end[j] (rows are depth-first). bool (True = may attend), or with `dtype`
-    an additive mask (0 / -inf), built once per batch rather than converted in every layer."""
+def attention_mask(subtree_end: torch.Tensor) -> torch.Tensor:
+    """bool [B, 1, T, T] (True = may attend): query i may read key j iff j is i or an ancestor of i in
+    its segment's tree, i.e. j <= i < subtree_end[j] (rows are depth-first). Built once per batch and
+    shared by every layer. (An additive bf16 mask was no faster: docs/benchmarks.md.)"""
     T = subtree_end.shape[1]
     idx = torch.arange(T, device=subtree_end.device)
     allowed = (idx[None, None, :] <= idx[None, :, None]) & (idx[None, :, None] < subtree_end[:, None, :])
-    allowed = allowed[:, None]
-    if dtype is None:
-        return allowed
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+    return allowed[:, None]
 
 
 def packed_step(model, tokens, positions, subtree_end, target_index, target_ids,

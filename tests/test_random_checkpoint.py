@@ -16,7 +16,7 @@ import torch
 from runtime.config import ModelArgs, global_shapes, layer_shapes
 from tests.tiny_meta import TOKENIZER
 from toolchain.meta_source import MetaSource
-from toolchain.random_checkpoint import SHARD_AXIS, random_slice, rank_shapes, save_streaming
+from toolchain.random_checkpoint import SHARD_AXIS, _MadeAhead, random_slice, rank_shapes, save_streaming
 
 # dim 64, 4 heads (2 kv), FFN 192; vocab from the tokenizer (32000).
 TINY = ModelArgs(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, multiple_of=32)
@@ -36,7 +36,8 @@ def params(tmp_path) -> Path:
     return path
 
 
-def test_streaming_save_writes_what_torch_save_writes(tmp_path):
+@pytest.mark.parametrize("ahead", [0, 2])
+def test_streaming_save_writes_what_torch_save_writes(tmp_path, ahead):
     shapes = {"w": (48, 16), "norm": (16,), "e": (7, 3)}
     made = []
 
@@ -45,13 +46,43 @@ def test_streaming_save_writes_what_torch_save_writes(tmp_path):
         return torch.randn(shapes[name], generator=torch.Generator().manual_seed(len(name))).half()
 
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
-    save_streaming(tmp_path / "a" / "s.pth", shapes, torch.float16, make)
-    assert made == list(shapes)  # each tensor made once, in the dict's order
+    waited = save_streaming(tmp_path / "a" / "s.pth", shapes, torch.float16, make, ahead=ahead)
+    assert isinstance(waited, float) and waited >= 0.0  # the writer's wait for make, logged per shard
+    # each tensor made once; in the dict's order when made on the writer's thread
+    assert made == list(shapes) if ahead == 0 else sorted(made) == sorted(shapes)
+    made.clear()
     torch.save({n: make(n) for n in shapes}, tmp_path / "b" / "s.pth")
     assert _records(tmp_path / "a" / "s.pth") == _records(tmp_path / "b" / "s.pth")
     with pytest.raises(ValueError, match="norm: made"):
         save_streaming(tmp_path / "a" / "t.pth", shapes, torch.float16,
                        lambda n: torch.zeros(shapes[n] if n != "norm" else (15,), dtype=torch.float16))
+
+
+def test_tensors_made_ahead_come_back_by_name_and_errors_surface():
+    """_MadeAhead: requests out of order, each name made once, and an error raised in a worker thread
+    reaches the writer's thread."""
+    calls = []
+
+    def make(name):
+        calls.append(name)
+        if name == "bad":
+            raise ValueError("bad tensor")
+        return torch.full((2,), float(len(name)))
+
+    made = _MadeAhead(make, ["a", "bb", "ccc", "dddd"], ahead=2)
+    try:
+        assert made("ccc").tolist() == [3.0, 3.0]  # not yet submitted: made on the spot
+        assert made("a").tolist() == [1.0, 1.0] and made("bb").tolist() == [2.0, 2.0]
+        assert made("dddd").tolist() == [4.0, 4.0]
+    finally:
+        made.close()
+    assert sorted(calls) == ["a", "bb", "ccc", "dddd"]  # "ccc" is not drawn again when its turn comes
+    made = _MadeAhead(make, ["bad", "a"], ahead=2)
+    try:
+        with pytest.raises(ValueError, match="bad tensor"):
+            made("bad")
+    finally:
+        made.close()
 
 
 def test_streaming_save_falls_back_to_torch_save(tmp_path, monkeypatch):
@@ -64,7 +95,7 @@ def test_streaming_save_falls_back_to_torch_save(tmp_path, monkeypatch):
     monkeypatch.setattr(rc, "_private_writer_available", lambda: False)
     calls, torch_save = [], torch.save
     monkeypatch.setattr(torch, "save", lambda *a, **k: (calls.append(a[1]), torch_save(*a, **k)))
-    save_streaming(tmp_path / "a" / "s.pth", shapes, torch.float16, make)
+    assert save_streaming(tmp_path / "a" / "s.pth", shapes, torch.float16, make) is None  # no wait to report
     monkeypatch.undo()
     assert calls == [str(tmp_path / "a" / "s.pth")]
     assert rc._private_writer_available()  # this torch has the signature the streaming path expects

@@ -12,12 +12,13 @@ runtime/bench.py: random_model, so activations stay O(1) through any depth. Each
 tensor is drawn directly from its own seed (a hash of --seed, the name and the rank): the full tensor
 is never built, and the files do not depend on the order they are written in.
 
-Memory: one tensor at a time. torch's own zip writer (the one torch.save uses) is handed a dict of
-placeholder tensors, whose metadata is all the pickle needs; each tensor's bytes are drawn only when
-the writer reaches its record and freed right after. The placeholders are slices of one allocation
-that is never written, so they cost address space, not resident memory. (Measured at the 30B width,
-4 shards: peak RSS 0.62 GB for 2 layers, 0.68 GB for 4; the rest is torch and the C allocator's
-free lists.)
+Memory: a few tensors at a time. torch's own zip writer (the one torch.save uses) is handed a dict of
+placeholder tensors, whose metadata is all the pickle needs; each tensor's bytes are drawn shortly
+before the writer reaches its record (the next DRAW_AHEAD of them in threads, so that drawing overlaps
+writing) and freed right after. The placeholders are slices of one allocation that is never written,
+so they cost address space, not resident memory. (Measured at the 30B width, 4 shards, 2 layers, on the
+2-core machine, drawing one ahead: peak RSS 0.82-0.88 GB, most of it torch and the C allocator's free
+lists; docs/benchmarks.md, fourth session.)
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ import hashlib
 import inspect
 import json
 import math
+import os
 import pickle
 import shutil
 import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -50,6 +53,11 @@ _META_LAYER_ORDER = ("attention.wq.weight", "attention.wk.weight", "attention.wv
                      "feed_forward.w1.weight", "feed_forward.w2.weight", "feed_forward.w3.weight",
                      "attention_norm.weight", "ffn_norm.weight")
 assert sorted(_META_LAYER_ORDER) == sorted(LAYER_TENSORS)
+
+
+# Tensors drawn in threads while the writer writes another (save_streaming): up to 4, leaving a core for
+# the writer. Each holds up to 0.21 GB at 30B while drawn in fp32, half that once rounded, until written.
+DRAW_AHEAD = max(1, min(4, (os.cpu_count() or 2) - 1))
 
 
 def resolve_shape(shape: str) -> ModelArgs:
@@ -99,7 +107,10 @@ def random_slice(name: str, fan_in: int, shape: tuple[int, ...], seed: int, rank
     if name.endswith("norm.weight"):
         return torch.ones(shape, dtype=dtype)
     gen = torch.Generator().manual_seed(tensor_seed(seed, name, rank))
-    return torch.empty(shape, dtype=dtype).normal_(0.0, 1.0 / math.sqrt(fan_in), generator=gen)
+    # Drawn in fp32, then rounded: on torch 2.13 the same values as an fp16 draw (every record of a
+    # 2-layer 30B checkpoint compared), and never on a half-precision sampling path, which other torch
+    # versions may run more slowly (the device's torch 2.11 wrote 4.5x slower; the cause is not known).
+    return torch.empty(shape, dtype=torch.float32).normal_(0.0, 1.0 / math.sqrt(fan_in), generator=gen).to(dtype)
 
 
 def _private_writer_available() -> bool:
@@ -112,9 +123,47 @@ def _private_writer_available() -> bool:
         return False
 
 
+class _MadeAhead:
+    """make(name) for the names of `order`, each drawn in a worker thread a few names before the writer
+    asks for it, so that drawing overlaps writing (torch's normal_ and its zip writer both release the
+    GIL). At most `ahead` + 1 tensors are in memory. A name asked for out of order is made on the spot."""
+
+    def __init__(self, make: Callable[[str], torch.Tensor], order: list[str], ahead: int):
+        self._make, self._order, self._ahead = make, order, ahead
+        self._pool = ThreadPoolExecutor(ahead, thread_name_prefix="draw") if ahead > 0 else None
+        self._pending: dict[str, Future] = {}
+        self._made_on_the_spot: set[str] = set()  # never drawn again when `order` reaches them
+        self._next = 0  # the first name of `order` not submitted yet
+        self.waited_s = 0.0  # the writer's time spent waiting for tensors (drawing, if it is the slower)
+        self._top_up()
+
+    def _top_up(self) -> None:
+        while self._pool is not None and len(self._pending) < self._ahead and self._next < len(self._order):
+            name = self._order[self._next]
+            if name not in self._made_on_the_spot:
+                self._pending[name] = self._pool.submit(self._make, name)
+            self._next += 1
+
+    def __call__(self, name: str) -> torch.Tensor:
+        t0 = time.perf_counter()
+        future = self._pending.pop(name, None)
+        if future is None:
+            self._made_on_the_spot.add(name)
+        t = future.result() if future is not None else self._make(name)
+        self.waited_s += time.perf_counter() - t0
+        self._top_up()
+        return t
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 def save_streaming(path: Path, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype,
-                   make: Callable[[str], torch.Tensor]) -> None:
-    """torch.save({name: make(name)}, path), one tensor in memory at a time (see the module docstring).
+                   make: Callable[[str], torch.Tensor], ahead: int = 0) -> float | None:
+    """torch.save({name: make(name)}, path), one tensor in memory at a time (see the module docstring);
+    with `ahead` > 0, that many more are being made in threads while one is written (_MadeAhead).
+    Returns the seconds the writer waited for make (None on the fallback path).
 
     torch.save pickles the dict first (metadata only: dtype, shape, stride, a key per storage), then
     writes each storage's bytes as a zip record; the writer below substitutes make(name)'s bytes for
@@ -122,7 +171,18 @@ def save_streaming(path: Path, shapes: dict[str, tuple[int, ...]], dtype: torch.
     made tensors, byte for byte (a test checks it)."""
     if not _private_writer_available():  # another torch: one shard in memory (16 GB at 30B) instead
         torch.save({name: make(name) for name in shapes}, str(path))
-        return
+        return None
+    made = _MadeAhead(make, list(shapes), ahead)  # the writer reaches the records in the dict's order
+    try:
+        _save_filling(path, shapes, dtype, made)
+    finally:
+        made.close()
+    return made.waited_s
+
+
+def _save_filling(path: Path, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype,
+                  make: Callable[[str], torch.Tensor]) -> None:
+    """save_streaming's torch 2.x path: torch's own writer, handed placeholders filled by make(name)."""
     # Slices of one never-written allocation: a fresh mapping, so none of it is resident.
     sizes = {name: math.prod(shape) * dtype.itemsize for name, shape in shapes.items()}
     arena = torch.empty(sum(sizes.values()), dtype=torch.uint8).untyped_storage()
@@ -205,8 +265,11 @@ def write_random_checkpoint(out_dir: Path, args: ModelArgs, n_shards: int, token
                     return freqs.to(dtype)
                 return random_slice(tensor, fan_in[_base(tensor)], shapes[tensor], seed, rank, dtype)
 
-            save_streaming(tmp / name, {**shapes, "rope.freqs": tuple(freqs.shape)}, dtype, make)
-            log(f"{name}: {(tmp / name).stat().st_size / 1e9:.2f} GB in {time.perf_counter() - t0:.1f} s")
+            waited = save_streaming(tmp / name, {**shapes, "rope.freqs": tuple(freqs.shape)}, dtype, make,
+                                    ahead=DRAW_AHEAD)
+            # The wait says which side is slow: drawing (the writer waits) or writing (it does not).
+            waits = "" if waited is None else f" (waited {waited:.1f} s for drawing, {DRAW_AHEAD} ahead)"
+            log(f"{name}: {(tmp / name).stat().st_size / 1e9:.2f} GB in {time.perf_counter() - t0:.1f} s{waits}")
         if checklist:
             files = ["params.json"] + [f"consolidated.{r:02d}.pth" for r in range(n_shards)]
             (tmp / CHECKLIST).write_text("".join(f"{file_digests(tmp / f, ('md5',))['md5']}  {f}\n" for f in files))

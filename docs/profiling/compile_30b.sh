@@ -12,6 +12,9 @@
 #   PLAN=x4   (kind nvidia-h200-x4, 235 GB disk): also a fp16 TP=4 artifact, the float reference, and both
 #             run on the 4 GPUs over the first 500 items, compared with docs/profiling/compare_runs.py.
 #
+#   ARTIFACTS="v100x4-w8 h200x1-fp8" (default): which of the two compiles to run, e.g. ARTIFACTS=h200x1-fp8
+#             alone when the other was measured already (docs/benchmarks.md).
+#
 # A device call lasts 10 minutes at most and the machine is released 30 s after a call ends, so:
 #   bash docs/profiling/compile_30b.sh start      # launches every step detached, returns at once
 #   bash docs/profiling/compile_30b.sh wait 560   # blocks until done or 560 s, then prints the log's tail
@@ -29,11 +32,13 @@ DEVICE=${DEVICE:-cuda}
 EXTRA=${EXTRA:-}
 COMPILE_EXTRA=${COMPILE_EXTRA:-}
 LIMIT=${LIMIT:-500}  # items scored by the PLAN=x4 runs
+ARTIFACTS=${ARTIFACTS:-v100x4-w8 h200x1-fp8}
 RUN_EXTRA=${RUN_EXTRA:-}
 LOG=$A/log.txt
 mkdir -p "$A" "$OUT"
 
 stamp() { date -u +"%F %T  $*"; }
+wants() { case " $ARTIFACTS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
 compile_verify() {  # NAME TARGET PRECISION [TP [EXTRA OPTIONS]]
   local name=$1 target=$2 precision=$3 tp=${4:-} quant_options=""
@@ -53,22 +58,26 @@ steps() {
   # shellcheck disable=SC2086
   $H random-checkpoint --shape llama-30b --shards 4 --no-checklist --force $EXTRA -o "$CK"
   du -sh "$CK"
-  compile_verify llama30b-v100x4-w8 v100x4 w8 4
-  if [ "$PLAN" = x4 ]; then
-    compile_verify llama30b-v100x4-fp16 v100x4 fp16 4
-    for name in llama30b-v100x4-fp16 llama30b-v100x4-w8; do
-      stamp "run $name, 4 processes, $LIMIT items"
-      # shellcheck disable=SC2086
-      $H run "$A/$name" --nproc 4 --limit "$LIMIT" $RUN_EXTRA --output "$OUT/run-$name" | tail -3
-    done
-    python3 docs/profiling/compare_runs.py "$OUT/run-llama30b-v100x4-fp16/samples.jsonl" \
-      "$OUT/run-llama30b-v100x4-w8/samples.jsonl"
-    rm -rf "$A/llama30b-v100x4-fp16"
+  if wants v100x4-w8; then
+    compile_verify llama30b-v100x4-w8 v100x4 w8 4
+    if [ "$PLAN" = x4 ]; then
+      compile_verify llama30b-v100x4-fp16 v100x4 fp16 4
+      for name in llama30b-v100x4-fp16 llama30b-v100x4-w8; do
+        stamp "run $name, 4 processes, $LIMIT items"
+        # shellcheck disable=SC2086
+        $H run "$A/$name" --nproc 4 --limit "$LIMIT" $RUN_EXTRA --output "$OUT/run-$name" | tail -3
+      done
+      python3 docs/profiling/compare_runs.py "$OUT/run-llama30b-v100x4-fp16/samples.jsonl" \
+        "$OUT/run-llama30b-v100x4-w8/samples.jsonl"
+      rm -rf "$A/llama30b-v100x4-fp16"
+    fi
+    rm -rf "$A/llama30b-v100x4-w8"
   fi
-  rm -rf "$A/llama30b-v100x4-w8"
-  # with fast accumulation: the fp8 artifact that scores the set in <= 110 s (docs/quantization.md)
-  compile_verify llama30b-h200x1-fp8 h200x1 fp8 "" --fast-accum
-  rm -rf "$A/llama30b-h200x1-fp8"
+  if wants h200x1-fp8; then
+    # with fast accumulation: the fp8 artifact that scores the set in <= 110 s (docs/quantization.md)
+    compile_verify llama30b-h200x1-fp8 h200x1 fp8 "" --fast-accum
+    rm -rf "$A/llama30b-h200x1-fp8"
+  fi
   python3 - "$OUT" <<'PY'
 import json, pathlib, sys
 for m in sorted(pathlib.Path(sys.argv[1]).glob("*-manifest.json")):

@@ -50,7 +50,8 @@ r2 = torch.compile(lambda x: rope_half(x, cos, sin))
 rows.append(("rope half-split, compiled", bench(lambda: r2(x))))
 rows.append(("copy of q (read+write)", bench(lambda: x.clone())))
 q = torch.randn(B, H, T, D, device=dev, dtype=torch.bfloat16); k = torch.randn_like(q); v = torch.randn_like(q)
-m = attention_mask(end); fm = attention_mask(end, torch.bfloat16)
+m = attention_mask(end)
+fm = torch.zeros(m.shape, dtype=torch.bfloat16, device=dev).masked_fill_(~m, float("-inf"))  # additive
 for name, be in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
     for mn, mm in (("bool", m), ("bf16", fm)):
         try:
