@@ -270,3 +270,63 @@ def test_calibration_options_are_for_quantized_precisions_only(hsc, work):
     code, _, err = hsc("compile", work.root / "ckpt-gqa", "--target", "cpu", "--precision", "int8",
                        "--alpha", "2", "-o", work.root / "never2")
     assert code == 1 and "--alpha" in err
+
+
+def _shard_digests(art: Path) -> dict[str, str]:
+    return {s.file: s.sha256 for s in load_manifest(art).shards}
+
+
+def test_reused_calibration_gives_what_a_full_compile_gives(hsc, work):
+    """--calibration-from: no calibration pass; with another alpha and another precision, exactly the rank
+    files that a full compile with them writes (the statistics depend on neither)."""
+    first = _compile(hsc, work, "mha", "w8", "cpu", "--alpha", "0.8")
+    fresh = _compile(hsc, work, "mha", "int8", "cpu", "--alpha", "0.5")
+    out = work.root / "reused-int8-0.5"
+    code, text, err = hsc("compile", work.root / "ckpt-mha", "--target", "cpu", "--precision", "int8",
+                          "--alpha", "0.5", "--calib-data", work.data, "--calibration-from", first, "-o", out)
+    assert code == 0, err
+    assert f"calibration: reusing {first / 'calibration.safetensors'}" in text and "calibrating on" not in text
+    assert _shard_digests(out) == _shard_digests(fresh)
+    m, f = load_manifest(out), load_manifest(fresh)
+    assert m.calibration["sha256"] == f.calibration["sha256"] == load_manifest(first).calibration["sha256"]
+    assert m.calibration["item_ids"] == f.calibration["item_ids"] and m.calibration["seed"] == f.calibration["seed"]
+    assert m.calibration["reused_from"] == str(first.resolve()) and f.calibration["reused_from"] is None
+    assert m.smoothing == f.smoothing == {"alpha": 0.5, "per_layer": [0.5, 0.5]}
+    # the check draws the same held-out items and finds the same; the per-linear report needs the sample
+    # rows, which are not kept
+    assert m.quant_report["check"] == f.quant_report["check"] and m.quant_report["check"]["items"] > 0
+    assert m.quant_report["per_linear"] == {} and f.quant_report["per_linear"]
+    code, shown, _ = hsc("inspect", out, "--verify")
+    assert code == 0 and f"reused from {first.resolve()}" in shown and "no per-linear report" in shown
+
+
+def test_reused_calibration_refusals(hsc, work, tmp_path):
+    import shutil
+
+    first = _compile(hsc, work, "mha", "w8", "cpu", "--alpha", "0.8")
+    tampered = tmp_path / "tampered"
+    shutil.copytree(first, tampered)
+    calib = tampered / "calibration.safetensors"
+    calib.write_bytes(calib.read_bytes()[:-1] + b"\x00")
+    never = work.root / "never-reused"
+
+    def refused(model, precision, *extra):
+        code, _, err = hsc("compile", work.root / f"ckpt-{model}", "--target", "cpu", "--precision", precision,
+                           "-o", never, *extra)
+        assert code == 1 and len(err.splitlines()) == 1 and not never.exists(), err
+        return err
+
+    with_data = ("--calib-data", work.data)
+    assert "give --alpha A (0..1) or --no-smooth" in refused("mha", "int8", "--calibration-from", first, *with_data)
+    assert "leave out --calib-items" in refused("mha", "int8", "--calibration-from", first, "--alpha", "0.5",
+                                                "--calib-items", "8", *with_data)
+    fp32 = _compile(hsc, work, "mha", "fp32")
+    assert "holds no calibration statistics" in refused("mha", "int8", "--calibration-from", fp32, "--alpha", "0.5",
+                                                        *with_data)
+    assert "sha256 does not match the manifest" in refused("mha", "int8", "--calibration-from", tampered,
+                                                           "--alpha", "0.5", *with_data)
+    err = refused("gqa", "int8", "--calibration-from", first, "--alpha", "0.5", *with_data)
+    assert "was measured on another checkpoint" in err and str(first / "calibration.safetensors") in err
+    err = refused("mha", "int8", "--calibration-from", first, "--alpha", "0.5")  # the default data, not the slice
+    assert f"was calibrated on items of {work.data}" in err
+    assert "apply to the quantized precisions" in refused("mha", "fp32", "--calibration-from", first, "--alpha", "0.5")

@@ -62,14 +62,17 @@ def cli():
 @click.option("--fast-accum", is_flag=True,
               help="fp8: torch._scaled_mm's fast accumulation, faster with fewer accumulator bits "
                    "(docs/quantization.md)")
+@click.option("--calibration-from", type=click.Path(path_type=Path), default=None,
+              help="quantized: reuse the calibration statistics of an earlier quantized artifact of the same "
+                   "checkpoint (no calibration pass); needs --alpha A or --no-smooth")
 def compile_cmd(source, target, precision, out_dir, tokenizer_path, tp, force, calib_data, calib_items,
-                calib_seed, alpha, no_smooth, device, check_items, max_drop, fast_accum):
+                calib_seed, alpha, no_smooth, device, check_items, max_drop, fast_accum, calibration_from):
     """Compile SOURCE (a Meta checkpoint directory, a .gguf file, or `smollm2`) for TARGET."""
     from runtime.quant import scheme_for
     from toolchain.compile import QuantOptions, compile_checkpoint
 
     quant = None
-    given = (calib_data, calib_items, calib_seed, alpha, device, check_items, max_drop)
+    given = (calib_data, calib_items, calib_seed, alpha, device, check_items, max_drop, calibration_from)
     if fast_accum:  # refused here for every precision but fp8, auto included (it never picks fp8)
         try:
             scheme_for(precision, fast_accum)
@@ -88,13 +91,16 @@ def compile_cmd(source, target, precision, out_dir, tokenizer_path, tp, force, c
             alpha = alpha_v
         if no_smooth and alpha is not None:
             raise HscError("--alpha and --no-smooth exclude each other")
+        if calibration_from is not None and (calib_items is not None or calib_seed is not None):
+            raise HscError(f"--calibration-from {calibration_from} reuses that artifact's calibration items and "
+                           "seed; leave out --calib-items and --calib-seed")
         d = QuantOptions()
         quant = QuantOptions(calib_data=calib_data, calib_items=d.calib_items if calib_items is None else calib_items,
                              calib_seed=d.calib_seed if calib_seed is None else calib_seed,
                              alpha=d.alpha if alpha is None else alpha, smooth=not no_smooth,
                              device=d.device if device is None else device,
                              check_items=d.check_items if check_items is None else check_items, max_drop=max_drop,
-                             fast_accum=fast_accum)
+                             fast_accum=fast_accum, calibration_from=calibration_from)
     manifest, path = compile_checkpoint(source, target, precision, out_dir, _command_line(),
                                         tokenizer_path=tokenizer_path, tp=tp, force=force, log=click.echo,
                                         quant=quant)
@@ -269,7 +275,8 @@ def inspect_cmd(artifact, verify, as_json):
     if m.calibration is not None:
         c = m.calibration
         click.echo(f"calibrated {c.get('n_items')} items of {c.get('source')} ({c.get('split')}, seed {c.get('seed')}, "
-                   f"{c.get('n_tokens')} tokens); statistics in {c.get('file')}")
+                   f"{c.get('n_tokens')} tokens); statistics in {c.get('file')}"
+                   + (f", reused from {c['reused_from']}" if c.get("reused_from") else ""))
     if m.quantization is not None:
         sm = m.smoothing
         if sm is None:
@@ -277,6 +284,8 @@ def inspect_cmd(artifact, verify, as_json):
         else:
             per = ", ".join("none" if a is None else f"{a:g}" for a in sm.get("per_layer", []))
             click.echo(f"smoothing  alpha {sm.get('alpha')}: per layer [{per}]")
+    if m.quant_report and not m.quant_report.get("per_linear") and (m.calibration or {}).get("reused_from"):
+        click.echo("quant err  no per-linear report (calibration reused: its sample rows are not kept)")
     if m.quant_report and m.quant_report.get("per_linear"):
         per_layer: dict = {}
         for name, r in m.quant_report["per_linear"].items():

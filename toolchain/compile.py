@@ -7,6 +7,7 @@ artifact that fails the `--max-drop` check is a failed compile: it is removed th
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import shutil
@@ -26,7 +27,7 @@ from toolchain.safetensors_writer import StreamingSafetensorsWriter
 from toolchain.shard import shard_shape, shard_tensor
 from toolchain.quantize import (CALIBRATION_FILE, QuantOptions, fp32_matmuls, calibrate_source, calibration_items,
                                 check_quant_shapes, finish_check, quant_layout, quant_manifest_fields,
-                                quantized_stream, start_check)
+                                quantized_stream, reuse_calibration, start_check)
 from toolchain.source import ModelSource, check_shape
 from toolchain.targets import Plan, get_target, make_plan
 
@@ -131,9 +132,15 @@ def write_artifact(src: ModelSource, plan: Plan, target: str, out_dir: Path, com
         if quantized:
             # Pass 1: calibration (one layer at a time); its abs-max statistics go into the artifact.
             items, calib_source, tokenizer = calibration_items(tmp, tok, tok_file, quant)
-            stats = calibrate_source(src, items, calib_source, tokenizer, tok.add_bos, quant, log,
-                                     spill_dir=tmp / SAMPLES_SPILL)
-            stats.save(tmp / CALIBRATION_FILE, with_samples=False)
+            if quant.calibration_from is not None:  # an earlier artifact's statistics, copied as they are
+                stats, reused = reuse_calibration(src, quant, calib_source, tok.add_bos, log)
+                shutil.copyfile(reused, tmp / CALIBRATION_FILE)
+                # the check draws its held-out items with the calibration's seed, as the first compile did
+                quant = dataclasses.replace(quant, calib_seed=stats.seed, calib_items=len(stats.item_indices))
+            else:
+                stats = calibrate_source(src, items, calib_source, tokenizer, tok.add_bos, quant, log,
+                                         spill_dir=tmp / SAMPLES_SPILL)
+                stats.save(tmp / CALIBRATION_FILE, with_samples=False)
             # The check rides along pass 2 on items calibration did not see.
             check = start_check(src, items, calib_source, tokenizer, tok.add_bos, stats.item_indices, dtype,
                                 quant, log)
@@ -213,7 +220,8 @@ def compile_checkpoint(source: str | Path, target_name: str, precision: str, out
                 raise HscError(f"--max-drop {quant.max_drop:g}: the check compares a quantized artifact with the "
                                f"float model; precision {plan.precision} is not quantized "
                                f"(use --precision {' or '.join(QUANTIZED_PRECISIONS)})")
-            raise HscError(f"--calib-data/--calib-items/--calib-seed/--alpha/--no-smooth/--device/--check-items apply "
+            raise HscError(f"--calib-data/--calib-items/--calib-seed/--alpha/--no-smooth/--device/--check-items/"
+                           f"--calibration-from apply "
                            f"to the quantized precisions ({', '.join(QUANTIZED_PRECISIONS)}), not {plan.precision}")
         with fp32_matmuls():
             return write_artifact(src, plan, target.name, out_dir, command, quant=quant, log=log,

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from runtime.config import LAYER_TENSORS, layer_shapes
-from runtime.errors import HscError
+from runtime.errors import HscError, file_error
 from runtime.hellaswag import Item, load_items
 from runtime.config import PRECISION_DTYPES
 from runtime.quant import QuantLinear, quantize_weight, scheme_asdict
@@ -27,8 +27,9 @@ from runtime.tokenizer import Tokenizer
 from toolchain.calibrate import CalibrationStats, calibrate
 from toolchain.quant_check import QuantCheck, check_summary, compare, draw_check_items, enforce_max_drop, error_stats
 from toolchain.shard import shard_shape
-from toolchain.smoothquant import (DEFAULT_ALPHAS, POINT_LINEARS, choose_alpha, fake_quant_e4m3,
-                                   fake_quant_int8, fake_quant_w8, smooth_layer)
+from toolchain.hashing import combined_sha256
+from toolchain.smoothquant import (DEFAULT_ALPHAS, POINT_LINEARS, W2_IN, W13_IN, WO_IN, WQKV_IN, choose_alpha,
+                                   fake_quant_e4m3, fake_quant_int8, fake_quant_w8, smooth_layer)
 from toolchain.source import ModelSource, check_shape
 
 # The seven block linears (Meta names, relative to `layers.{i}.`); quantized precisions store each as
@@ -53,6 +54,9 @@ class QuantOptions:
     check_items: int = 256  # held-out items of the float-vs-quantized check (0: no check)
     max_drop: float | None = None  # acc_norm points the check may lose; more refuses the artifact
     fast_accum: bool = False  # fp8 only: Float8WeightFloat8Activation.fast_accumulation
+    # An earlier artifact of the same checkpoint whose calibration statistics are reused: no calibration
+    # pass. Its file keeps the abs-maxima but not the sample rows, so the alpha is given, not searched.
+    calibration_from: Path | None = None
 
     def __post_init__(self):
         if self.check_items < 0:
@@ -222,6 +226,53 @@ def calibrate_source(src: ModelSource, items: list[Item], source: str, tokenizer
     return stats
 
 
+def reuse_calibration(src: ModelSource, opts: QuantOptions, source: str, add_bos: bool,
+                      log) -> tuple[CalibrationStats, Path]:
+    """The calibration statistics of an earlier artifact (`--calibration-from`), checked against this compile:
+    the file must be the one its manifest names (sha256), measured on this checkpoint (its sha256), on the
+    same HellaSwag source (item ids index it) and BOS convention, at this model's shapes."""
+    from runtime.artifact import load_manifest, sha256_of  # the runtime reads manifests; one reader
+
+    artifact = Path(opts.calibration_from)
+    if opts.smooth and opts.alpha == "auto":
+        raise HscError(f"--calibration-from {artifact}: the alpha search needs calibration's sample rows, "
+                       "which artifacts do not keep; give --alpha A (0..1) or --no-smooth")
+    calib = load_manifest(artifact).calibration
+    if not calib or not calib.get("file"):
+        raise file_error(artifact, "holds no calibration statistics (only quantized artifacts do)")
+    path = artifact / calib["file"]
+    if not path.is_file():
+        raise file_error(path, "missing from the artifact")
+    if sha256_of(path) != calib.get("sha256"):
+        raise file_error(path, "sha256 does not match the manifest (tampered or corrupt)")
+    try:
+        stats = CalibrationStats.load(path)
+    except ValueError as e:
+        raise HscError(str(e)) from None
+    info = stats.info
+    this = combined_sha256(src.source_digests)
+    if info.get("source_sha256") != this:
+        raise file_error(path, f"was measured on another checkpoint (sha256 {str(info.get('source_sha256'))[:16]}); "
+                               f"{src.path} is {this[:16]}")
+    if info.get("data") != source:
+        raise file_error(path, f"was calibrated on items of {info.get('data')}, this compile reads {source} "
+                               f"(pass --calib-data {info.get('data')})")
+    if info.get("add_bos") != add_bos:
+        raise file_error(path, f"was calibrated with BOS {'on' if info.get('add_bos') else 'off'}, "
+                               f"the tokenizer has it {'on' if add_bos else 'off'}")
+    args = src.args
+    dims = {WQKV_IN: args.dim, WO_IN: args.n_heads * args.head_dim, W13_IN: args.dim, W2_IN: args.ffn_dim}
+    want = {f"layers.{i}.{p}": (d,) for i in range(args.n_layers) for p, d in dims.items()}
+    have = {k: tuple(v.shape) for k, v in stats.absmax.items()}
+    if have != want:
+        wrong = sorted(set(have.items()) ^ set(want.items()))[0][0]
+        raise file_error(path, f"does not fit {src.model_name} ({args.n_layers} layers, dim {args.dim}): "
+                               f"first mismatch at {wrong}")
+    log(f"calibration: reusing {path} ({len(stats.item_indices)} items of {source}, seed {stats.seed}); "
+        "no calibration pass")
+    return stats, path
+
+
 def start_check(src: ModelSource, items: list[Item], source: str, tokenizer: Tokenizer, add_bos: bool,
                 calibrated: list[int], dtype: torch.dtype, opts: QuantOptions, log) -> QuantCheck | None:
     """The check's items and streams (None: --check-items 0, or no item left after calibration).
@@ -276,9 +327,12 @@ def quant_manifest_fields(plan, scheme, stats, calib_source: str, opts: QuantOpt
             "bytes": calib_path.stat().st_size, "source": calib_source, "split": stats.split,
             "item_ids": stats.item_indices, "seed": stats.seed, "n_items": len(stats.item_indices),
             "n_tokens": stats.info.get("n_tokens"), "add_bos": add_bos,
+            "reused_from": str(Path(opts.calibration_from).resolve()) if opts.calibration_from else None,
         },
         smoothing={"alpha": opts.alpha, "per_layer": alphas} if opts.smooth else None,
+        # per_linear is empty when the calibration was reused: its sample rows are not kept (the check
+        # on held-out items still compares the whole model).
         quant_report={"reference": "float (smoothed) linear, fp64, on the calibration sample rows",
-                      "sample_rows": stats.info.get("sample_rows"), "per_linear": report,
+                      "sample_rows": stats.info.get("sample_rows") if report else 0, "per_linear": report,
                       "check": check},
     )
