@@ -5,7 +5,8 @@ Sources, all yielding the same preprocessed items (lm-evaluation-harness's `hell
 - a jsonl already in lm-eval's processed form (query, choices, gold),
 - `datasets` (Rowan/hellaswag, validation split; needs a local cache, there is no hub here),
 - the 6-line text format (optionally .bz2): query, gold label, 4 endings, already preprocessed.
-The validation split has 10,042 items with 4 endings each.
+The validation split has 10,042 items with 4 endings each. `hsc run` scores validation items; the
+compiler may calibrate on the train split (load_split says which split items come from).
 """
 
 from __future__ import annotations
@@ -77,7 +78,12 @@ def load_six_line(path: Path) -> list[Item]:
 
 
 def load_jsonl(path: Path) -> list[Item]:
-    items = []
+    return _load_jsonl(path)[0]
+
+
+def _load_jsonl(path: Path) -> tuple[list[Item], set[str]]:
+    """The items, and the values of the official format's `split` field ("train", "val", "test")."""
+    items, splits = [], set()
     with _open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -89,23 +95,24 @@ def load_jsonl(path: Path) -> list[Item]:
                     query, endings, label = doc["query"], doc["choices"], doc["gold"]
                 else:
                     query, endings, label = from_official(doc)
+                    splits.add(str(doc.get("split", "")))
             except json.JSONDecodeError as e:
                 raise HscError(f"{where}: not valid JSON ({e.msg})") from None
             except (KeyError, TypeError, AttributeError) as e:
                 raise HscError(f"{where}: not a HellaSwag item (missing or bad field {e})") from None
             items.append(_make_item(len(items), query, endings, label, where))
-    return items
+    return items, splits
 
 
-def load_datasets() -> list[Item]:
+def load_datasets(split: str = "validation") -> list[Item]:
     try:
         import datasets
 
-        ds = datasets.load_dataset("Rowan/hellaswag", split="validation")
+        ds = datasets.load_dataset("Rowan/hellaswag", split=split)
     except Exception as e:  # offline, no cache, or datasets missing: all mean "not available here"
-        raise HscError(f"datasets: Rowan/hellaswag is not available ({type(e).__name__}); "
+        raise HscError(f"datasets: Rowan/hellaswag ({split} split) is not available ({type(e).__name__}); "
                        "pass --data FILE (official jsonl or the 6-line .txt.bz2)") from None
-    return [_make_item(i, *from_official(doc), f"Rowan/hellaswag[{i}]") for i, doc in enumerate(ds)]
+    return [_make_item(i, *from_official(doc), f"Rowan/hellaswag/{split}[{i}]") for i, doc in enumerate(ds)]
 
 
 def find_shared_file(start: Path | None = None) -> Path | None:
@@ -121,22 +128,45 @@ def find_shared_file(start: Path | None = None) -> Path | None:
 def load_items(data: str | None) -> tuple[list[Item], str]:
     """Items and a description of where they came from. `data`: a file, "datasets", or None
     (the shared validation file if one is found, else `datasets`)."""
-    if data == "datasets":
-        return load_datasets(), "datasets:Rowan/hellaswag/validation"
-    if data is None:
-        shared = find_shared_file()
-        if shared is None:
-            return load_datasets(), "datasets:Rowan/hellaswag/validation"
-        data = str(shared)
-    path = Path(data)
+    items, source, _ = load_split(data)
+    return items, source
+
+
+# The official jsonl's `split` values, by the names datasets and the manifests use.
+_OFFICIAL_SPLITS = {"train": "train", "val": "validation", "test": "test"}
+
+
+def load_split(data: str | None, datasets_split: str = "validation") -> tuple[list[Item], str, str]:
+    """load_items, and the split the items come from: "train", "validation", "test" or "unknown".
+    With `datasets`: `datasets_split`. A file: the official jsonl's `split` field where every item has
+    one and they agree; else its name (train, val or test in it); else "validation" for a file of
+    exactly the validation set's 10,042 items; else "unknown"."""
+    if data == "datasets" or (data is None and find_shared_file() is None):
+        return load_datasets(datasets_split), f"datasets:Rowan/hellaswag/{datasets_split}", datasets_split
+    path = Path(data) if data is not None else find_shared_file()
     if not path.is_file():
         raise file_error(path, "no such HellaSwag file")
     name = path.name.removesuffix(".bz2")
+    splits: set[str] = set()
     try:
-        items = load_jsonl(path) if name.endswith((".jsonl", ".json")) else load_six_line(path)
+        if name.endswith((".jsonl", ".json")):
+            items, splits = _load_jsonl(path)
+        else:
+            items = load_six_line(path)
     except (UnicodeDecodeError, OSError, EOFError) as e:  # not UTF-8 text, or a damaged .bz2
         kind = "bz2-compressed UTF-8 text" if path.suffix == ".bz2" else "UTF-8 text"
         raise file_error(path, f"cannot be read as {kind} ({e})") from None
     if not items:
         raise file_error(path, "holds no items")
-    return items, str(path.resolve())
+    return items, str(path.resolve()), _split_of(name.lower(), splits, len(items))
+
+
+def _split_of(name: str, official: set[str], n_items: int) -> str:
+    if len(official) == 1 and next(iter(official)) in _OFFICIAL_SPLITS:
+        return _OFFICIAL_SPLITS[next(iter(official))]
+    if official - {""}:  # several splits in one file, or items without the field
+        return "unknown"
+    named = [split for key, split in (("train", "train"), ("val", "validation"), ("test", "test")) if key in name]
+    if len(named) == 1:
+        return named[0]
+    return "validation" if n_items == VALIDATION_SIZE and not named else "unknown"

@@ -66,6 +66,19 @@ def configure_backends(dtype: torch.dtype) -> None:
     torch.backends.cuda.matmul.allow_tf32 = dtype != torch.float32
 
 
+def calibrated_among_scored(calibration: dict | None, data_source: str) -> set[int] | None:
+    """Indices of scored items that the artifact was calibrated on. hsc run scores validation items, by
+    their index in the split: calibration on the same source or on validation items names them by the
+    same index; calibration on the train or test split shares none. None: not quantized, or calibrated
+    on a file whose split is unknown and which is not the scored one."""
+    if not calibration:
+        return None
+    split = calibration.get("split")
+    if calibration.get("source") == data_source or split == "validation":
+        return set(calibration.get("item_ids", []))
+    return set() if split in ("train", "test") else None
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
@@ -100,8 +113,11 @@ def run(cfg: RunConfig, command: str, echo=print) -> dict:
         items = items[: cfg.limit]
     # Quantized artifacts were calibrated on HellaSwag items (ids in the manifest): count how many of
     # the scored items were among them, or leave them out.
-    calib_ids = set(manifest.calibration.get("item_ids", [])) if manifest.calibration else None
+    calib_ids = calibrated_among_scored(manifest.calibration, data_source)
     calibration_overlap = None if calib_ids is None else sum(it.index in calib_ids for it in items)
+    if cfg.exclude_calibration and manifest.calibration and calib_ids is None:
+        raise HscError(f"{cfg.artifact}: calibrated on {manifest.calibration.get('source')} (split unknown), so "
+                       f"which items of {data_source} it saw cannot be told; --exclude-calibration cannot work")
     if cfg.exclude_calibration and calib_ids:
         items = [it for it in items if it.index not in calib_ids]
         if not items:
@@ -164,6 +180,7 @@ def run(cfg: RunConfig, command: str, echo=print) -> dict:
         "data": data_source,
         "limit": cfg.limit,
         "calibration_overlap": calibration_overlap,  # scored-or-excluded items the artifact was calibrated on
+        "calibration_split": manifest.calibration.get("split") if manifest.calibration else None,
         "calibration_excluded": bool(cfg.exclude_calibration and calibration_overlap),
         "join_mismatch_requests": sum(r.join_mismatch for r in requests),
         "tokens_forwarded": n_tokens,

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from runtime.errors import HscError
-from runtime.hellaswag import VALIDATION_SIZE, find_shared_file, load_items, load_six_line, preprocess
+from runtime.hellaswag import VALIDATION_SIZE, find_shared_file, load_items, load_six_line, load_split, preprocess
 from runtime.scoring import compute_scores, mean_stderr, predictions, split_context
 
 SHARED = find_shared_file()
@@ -41,6 +41,35 @@ def test_official_jsonl_matches_six_line(tmp_path):
     six = "\n".join([items[0].query, "3", *items[0].endings]) + "\n"
     (tmp_path / "val.txt.bz2").write_bytes(bz2.compress(six.encode()))
     assert load_items(str(tmp_path / "val.txt.bz2"))[0] == items[:1]
+
+
+def test_the_split_of_a_source(tmp_path, monkeypatch):
+    """The official jsonl's `split` field; else the file name; else the validation set's size."""
+    def jsonl(name, *splits):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps(dict(OFFICIAL, split=s)) + "\n" for s in splits))
+        return str(path)
+
+    assert load_split(jsonl("a.jsonl", "train", "train"))[2] == "train"
+    assert load_split(jsonl("b.jsonl", "val"))[2] == "validation"
+    assert load_split(jsonl("train.jsonl", "val"))[2] == "validation"  # the field wins over the name
+    assert load_split(jsonl("c.jsonl", "train", "val"))[2] == "unknown"  # two splits in one file
+    item = "ctx\n1\na\nb\nc\nd\n"
+    for name, split in (("hellaswag_train.txt", "train"), ("my_val_slice.txt", "validation"), ("items.txt", "unknown"),
+                        ("train_and_val.txt", "unknown")):
+        (tmp_path / name).write_text(item)
+        items, source, got = load_split(str(tmp_path / name))
+        assert (len(items), source, got) == (1, str((tmp_path / name).resolve()), split), name
+    (tmp_path / "all.txt").write_text(item * VALIDATION_SIZE)  # no name hint: the validation set's size
+    assert load_split(str(tmp_path / "all.txt"))[2] == "validation"
+
+    import runtime.hellaswag as hs
+
+    asked = []
+    monkeypatch.setattr(hs, "load_datasets", lambda split="validation": asked.append(split) or [])
+    assert load_split("datasets", datasets_split="train")[1:] == ("datasets:Rowan/hellaswag/train", "train")
+    assert load_split("datasets")[1:] == ("datasets:Rowan/hellaswag/validation", "validation")
+    assert asked == ["train", "validation"]
 
 
 def test_preprocess_is_lm_evals():

@@ -45,7 +45,7 @@ def _samples(res: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def work(tmp_path_factory, shared_data):
     root = tmp_path_factory.mktemp("quant")
-    data = root / "hellaswag64.txt"  # the first 64 validation items, 6-line format (same indices)
+    data = root / "hellaswag_val64.txt"  # the first 64 validation items, 6-line format (same indices)
     with open(data, "w") as f:
         for it in load_six_line(shared_data)[:N_DATA]:
             f.write("\n".join([it.query, str(it.label), *it.endings]) + "\n")
@@ -330,3 +330,67 @@ def test_reused_calibration_refusals(hsc, work, tmp_path):
     err = refused("mha", "int8", "--calibration-from", first, "--alpha", "0.5")  # the default data, not the slice
     assert f"was calibrated on items of {work.data}" in err
     assert "apply to the quantized precisions" in refused("mha", "fp32", "--calibration-from", first, "--alpha", "0.5")
+
+
+def test_calibration_split_decides_the_overlap_with_scored_items(hsc, work, tmp_path):
+    """Calibrated on a train-split file: none of the scored validation items was a calibration item,
+    whatever the ids. On a file of unknown split that is not the scored one: the overlap cannot be told."""
+    import shutil
+
+    def compile_on(data: Path) -> Path:
+        art = tmp_path / f"int8-{data.stem}"
+        code, out, err = hsc("compile", work.root / "ckpt-gqa", "--target", "cpu", "--precision", "int8",
+                             "--calib-data", data, "--calib-items", N_CALIB, "--alpha", "0.8", "--check-items", "4",
+                             "-o", art)
+        assert code == 0, err
+        return art
+
+    def run_on_validation(art: Path, *extra) -> tuple[int, dict | None, str]:
+        res = tmp_path / f"res-{art.name}{len(extra)}"
+        code, _, err = hsc("run", art, "--data", work.data, "--limit", 8, "--output", res, "--device", "cpu",
+                           "--batch-tokens", BATCH_TOKENS, *extra)
+        return code, json.loads((res / "results.json").read_text()) if code == 0 else None, err
+
+    train = tmp_path / "hellaswag_train64.txt"  # validation items under a train file's name: the name decides
+    shutil.copyfile(work.data, train)
+    art = compile_on(train)
+    assert load_manifest(art).calibration["split"] == "train"
+    assert "(train, seed 0" in hsc("inspect", art)[1]
+    code, results, err = run_on_validation(art, "--exclude-calibration")
+    assert code == 0, err
+    assert (results["calibration_overlap"], results["calibration_split"], results["n"]) == (0, "train", 8)
+
+    unknown = tmp_path / "items64.txt"
+    shutil.copyfile(work.data, unknown)
+    art = compile_on(unknown)
+    assert load_manifest(art).calibration["split"] == "unknown"
+    code, results, _ = run_on_validation(art)
+    assert code == 0 and results["calibration_overlap"] is None and results["calibration_split"] == "unknown"
+    code, _, err = run_on_validation(art, "--exclude-calibration")
+    assert code == 1 and "split unknown" in err and len(err.splitlines()) == 1
+
+
+def test_calib_data_datasets_prefers_the_train_split(monkeypatch, shared_data):
+    import runtime.hellaswag as hs
+    from runtime.errors import HscError
+    from toolchain.quantize import QuantOptions, calibration_items
+
+    one = load_six_line(shared_data)[:4]
+    tok = SimpleNamespace(kind="sentencepiece", bos_id=1, eos_id=2)
+    tok_dir, tok_file = shared_data.parent, "llama-tokenizer.model"
+    monkeypatch.setattr(hs, "load_datasets", lambda split="validation": one)
+    logged = []
+    items, source, split, _ = calibration_items(tok_dir, tok, tok_file, QuantOptions(calib_data="datasets"),
+                                                logged.append)
+    assert (items, source, split, logged) == (one, "datasets:Rowan/hellaswag/train", "train", [])
+
+    def no_train(split="validation"):
+        if split == "train":
+            raise HscError("datasets: Rowan/hellaswag (train split) is not available")
+        return one
+
+    monkeypatch.setattr(hs, "load_datasets", no_train)
+    items, source, split, _ = calibration_items(tok_dir, tok, tok_file, QuantOptions(calib_data="datasets"),
+                                                logged.append)
+    assert (source, split) == ("datasets:Rowan/hellaswag/validation", "validation")
+    assert logged and "no train split" in logged[0]

@@ -131,14 +131,14 @@ def write_artifact(src: ModelSource, plan: Plan, target: str, out_dir: Path, com
         check = None
         if quantized:
             # Pass 1: calibration (one layer at a time); its abs-max statistics go into the artifact.
-            items, calib_source, tokenizer = calibration_items(tmp, tok, tok_file, quant)
+            items, calib_source, calib_split, tokenizer = calibration_items(tmp, tok, tok_file, quant, log)
             if quant.calibration_from is not None:  # an earlier artifact's statistics, copied as they are
                 stats, reused = reuse_calibration(src, quant, calib_source, tok.add_bos, log)
                 shutil.copyfile(reused, tmp / CALIBRATION_FILE)
                 # the check draws its held-out items with the calibration's seed, as the first compile did
                 quant = dataclasses.replace(quant, calib_seed=stats.seed, calib_items=len(stats.item_indices))
             else:
-                stats = calibrate_source(src, items, calib_source, tokenizer, tok.add_bos, quant, log,
+                stats = calibrate_source(src, items, calib_source, calib_split, tokenizer, tok.add_bos, quant, log,
                                          spill_dir=tmp / SAMPLES_SPILL)
                 stats.save(tmp / CALIBRATION_FILE, with_samples=False)
             # The check rides along pass 2 on items calibration did not see.

@@ -20,7 +20,7 @@ import torch
 
 from runtime.config import LAYER_TENSORS, layer_shapes
 from runtime.errors import HscError, file_error
-from runtime.hellaswag import Item, load_items
+from runtime.hellaswag import Item, load_split
 from runtime.config import PRECISION_DTYPES
 from runtime.quant import QuantLinear, quantize_weight, scheme_asdict
 from runtime.tokenizer import Tokenizer
@@ -204,22 +204,31 @@ def quantized_stream(src: ModelSource, shapes, dtype, scheme, stats, opts: Quant
     yield "output.weight", output
 
 
-def calibration_items(tmp: Path, tok, tok_file: str, opts: QuantOptions) -> tuple[list[Item], str, Tokenizer]:
-    """The items of --calib-data (calibration and the check draw from them), their source, and the
-    artifact's tokenizer."""
-    items, source = load_items(opts.calib_data)
-    return items, source, Tokenizer(tok.kind, tmp / tok_file, tok.bos_id, tok.eos_id)
+def calibration_items(tmp: Path, tok, tok_file: str, opts: QuantOptions,
+                      log=print) -> tuple[list[Item], str, str, Tokenizer]:
+    """The items of --calib-data (calibration and the check draw from them), their source, their split,
+    and the artifact's tokenizer. `--calib-data datasets` takes the train split when datasets has it
+    (HellaSwag's own data for calibration, none of it scored), else the validation split."""
+    if opts.calib_data == "datasets":
+        try:
+            items, source, split = load_split("datasets", datasets_split="train")
+        except HscError:
+            log("calibration: datasets has no train split of Rowan/hellaswag here; using the validation split")
+            items, source, split = load_split("datasets", datasets_split="validation")
+    else:
+        items, source, split = load_split(opts.calib_data)
+    return items, source, split, Tokenizer(tok.kind, tmp / tok_file, tok.bos_id, tok.eos_id)
 
 
-def calibrate_source(src: ModelSource, items: list[Item], source: str, tokenizer: Tokenizer, add_bos: bool,
-                     opts: QuantOptions, log, spill_dir: Path | None = None) -> CalibrationStats:
+def calibrate_source(src: ModelSource, items: list[Item], source: str, split: str, tokenizer: Tokenizer,
+                     add_bos: bool, opts: QuantOptions, log, spill_dir: Path | None = None) -> CalibrationStats:
     """Pass 1 (toolchain/calibrate.py); spill_dir: where each layer's sample rows wait for pass 2."""
     n = min(opts.calib_items, len(items))
     device = compute_device(opts)
-    log(f"calibrating on {n} HellaSwag items of {source} (seed {opts.calib_seed}) on {device}")
+    log(f"calibrating on {n} HellaSwag items of {source} ({split} split, seed {opts.calib_seed}) on {device}")
     try:
         stats = calibrate(src, items, tokenizer, add_bos, n_items=n, seed=opts.calib_seed, device=device,
-                          split="validation", data=source, sample_rows=opts.sample_rows,
+                          split=split, data=source, sample_rows=opts.sample_rows,
                           batch_tokens=opts.batch_tokens, spill_dir=spill_dir)
     except ValueError as e:
         raise HscError(f"calibration: {e}") from None
