@@ -18,16 +18,16 @@ from pathlib import Path
 
 import torch
 
-from runtime.config import LAYER_TENSORS, layer_shapes
+from runtime.artifact import load_manifest, sha256_of
+from runtime.config import LAYER_TENSORS, PRECISION_DTYPES, layer_shapes
 from runtime.errors import HscError, file_error
 from runtime.hellaswag import Item, load_split
-from runtime.config import PRECISION_DTYPES
 from runtime.quant import QuantLinear, quantize_weight, scheme_asdict
 from runtime.tokenizer import Tokenizer
 from toolchain.calibrate import CalibrationStats, calibrate
+from toolchain.hashing import combined_sha256
 from toolchain.quant_check import QuantCheck, check_summary, compare, draw_check_items, enforce_max_drop, error_stats
 from toolchain.shard import shard_shape
-from toolchain.hashing import combined_sha256
 from toolchain.smoothquant import (DEFAULT_ALPHAS, POINT_LINEARS, W2_IN, W13_IN, WO_IN, WQKV_IN, choose_alpha,
                                    fake_quant_e4m3, fake_quant_int8, fake_quant_w8, smooth_layer)
 from toolchain.source import ModelSource, check_shape
@@ -240,8 +240,6 @@ def reuse_calibration(src: ModelSource, opts: QuantOptions, source: str, add_bos
     """The calibration statistics of an earlier artifact (`--calibration-from`), checked against this compile:
     the file must be the one its manifest names (sha256), measured on this checkpoint (its sha256), on the
     same HellaSwag source (item ids index it) and BOS convention, at this model's shapes."""
-    from runtime.artifact import load_manifest, sha256_of  # the runtime reads manifests; one reader
-
     artifact = Path(opts.calibration_from)
     if opts.smooth and opts.alpha == "auto":
         raise HscError(f"--calibration-from {artifact}: the alpha search needs calibration's sample rows, "
