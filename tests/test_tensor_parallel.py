@@ -376,24 +376,31 @@ def test_manifest_without_target_info_or_resources_still_loads(built, tmp_path):
 # ---------------------------------------------------------------- on real GPUs (device machine: -m gpu)
 
 
+def _hsc_run(built, art, out, *extra) -> list[dict]:
+    """`hsc run` of the first N_ITEMS items as a separate process (as a user runs it); its samples."""
+    proc = subprocess.run([sys.executable, "-m", "toolchain.cli", "run", art, "--data", built.data,
+                           "--limit", str(N_ITEMS), "--output", out, *extra],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return read_samples(out)
+
+
+@pytest.fixture(scope="module")
+def one_gpu_samples(built, tmp_path_factory) -> list[dict]:
+    """TP=1 on one GPU: run once, for every parallel layout compared with it."""
+    return _hsc_run(built, built.arts["gqa"]["tp1"], tmp_path_factory.mktemp("one-gpu"), "--device", "cuda")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("build, nproc, tp, dp", [("tp2", 2, 2, 1), ("dp2", 2, 1, 2), ("tp4", 4, 4, 1),
                                                   ("tp2dp2", 4, 2, 2)])
-def test_parallel_runs_over_nccl_match_one_gpu(built, tmp_path, build, nproc, tp, dp):
+def test_parallel_runs_over_nccl_match_one_gpu(built, tmp_path, request, build, nproc, tp, dp):
     """fp32 on N GPUs (NCCL; compiled with CUDA graphs, as `hsc run` picks it) against TP=1 on one GPU:
     the same items in the same order, log-likelihoods within 1e-3."""
     if torch.cuda.device_count() < nproc:
         pytest.skip(f"needs {nproc} GPUs")
-
-    def hsc_run(art, out, *extra):
-        proc = subprocess.run([sys.executable, "-m", "toolchain.cli", "run", art, "--data", built.data,
-                               "--limit", str(N_ITEMS), "--output", out, *extra],
-                              cwd=REPO, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr
-        return read_samples(out)
-
-    one = hsc_run(built.arts["gqa"]["tp1"], tmp_path / "one", "--device", "cuda")
-    many = hsc_run(built.arts["gqa"][build], tmp_path / "many", "--nproc", str(nproc))
+    one = request.getfixturevalue("one_gpu_samples")  # only once a layout that fits the machine needs it
+    many = _hsc_run(built, built.arts["gqa"][build], tmp_path / "many", "--nproc", str(nproc))
     assert [s["index"] for s in many] == [s["index"] for s in one]
     assert max(abs(a - b) for g, w in zip(many, one) for a, b in zip(g["loglik"], w["loglik"])) < 1e-3
     results = json.loads((tmp_path / "many" / "results.json").read_text())
