@@ -75,11 +75,10 @@ def flops_per_token(args: ModelArgs, context: int) -> float:
     return args.n_layers * (linear + 4 * context * args.dim)
 
 
-def gemm_rate(precision: str, m: int, k: int, n: int, device, fast_accum: bool = False) -> float:
-    """Measured FLOP/s of one [m, k] x [k, n] product with the kernel `precision` runs (median of 20
-    after warm-up): a float matmul; torch._scaled_mm with row-wise scales (fp8, with fast_accum if
-    the run uses it); torch._int_mm (int8); w8 runs float matmuls after dequantizing, so its rate is
-    bf16's."""
+def gemm_product(precision: str, m: int, k: int, n: int, device, fast_accum: bool = False):
+    """A function computing one [m, k] x [k, n] product with the kernel `precision` runs: a float
+    matmul; torch._scaled_mm with row-wise scales (fp8, with fast_accum if the run uses it);
+    torch._int_mm (int8); w8 runs float matmuls after dequantizing, so its product is bf16's."""
     a = torch.randn(m, k, device=device, dtype=compute_dtype(precision))
     b = torch.randn(n, k, device=device, dtype=compute_dtype(precision))
     if precision == "fp8":
@@ -92,6 +91,13 @@ def gemm_rate(precision: str, m: int, k: int, n: int, device, fast_accum: bool =
         product = lambda: torch._int_mm(a8, b8.t())
     else:
         product = lambda: a @ b.t()
+    return product
+
+
+def gemm_rate(precision: str, m: int, k: int, n: int, device, fast_accum: bool = False) -> float:
+    """Measured FLOP/s of gemm_product (median of 20 calls after warm-up): a short burst, at the
+    clocks of a GPU that has been idle."""
+    product = gemm_product(precision, m, k, n, device, fast_accum)
     for _ in range(3):
         product()
     times = []
@@ -103,6 +109,31 @@ def gemm_rate(precision: str, m: int, k: int, n: int, device, fast_accum: bool =
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
     return 2 * m * k * n / sorted(times)[len(times) // 2]
+
+
+def sustained_gemm_rate(precision: str, m: int, k: int, n: int, device, fast_accum: bool = False,
+                        seconds: float = 15.0, window_s: float = 0.5) -> float:
+    """FLOP/s of gemm_product run back to back for `seconds`: the median over the second half of
+    windows of about `window_s`. A scoring run of minutes may hold the GPU at its power limit, where
+    the clocks can settle below those of a short burst (gemm_rate); this measures the product at the
+    clocks such a run leaves the GPU at."""
+    product = gemm_product(precision, m, k, n, device, fast_accum)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    product()
+    sync()
+    t0 = time.perf_counter()
+    product()
+    sync()
+    per_window = max(1, round(window_s / max(time.perf_counter() - t0, 1e-9)))
+    rates, end = [], time.perf_counter() + seconds
+    while time.perf_counter() < end or len(rates) < 2:
+        t0 = time.perf_counter()
+        for _ in range(per_window):
+            product()
+        sync()
+        rates.append(per_window * 2 * m * k * n / (time.perf_counter() - t0))
+    settled = sorted(rates[len(rates) // 2:])
+    return settled[len(settled) // 2]
 
 
 def hf_baseline(args: ModelArgs, dtype: torch.dtype, requests: list[Request], device, batch_size: int = 64) -> float:
@@ -157,6 +188,7 @@ class BenchConfig:
     compile: bool = True
     fast_accum: bool = False  # fp8: torch._scaled_mm's use_fast_accum (Float8WeightFloat8Activation)
     block_regions: bool = False  # compile one transformer block for all layers (PackedScorer)
+    sustained_gemm_s: float = 15.0  # seconds of back-to-back products after scoring (0: not measured)
     baseline: str = "none"  # "hf": also time lm-eval's transformers loop
     baseline_items: int | None = None  # items for the baseline (and a same-items hsc timing); default all.
     # Fewer than all: every k-th item (baseline_sample), so that the sample has the set's mix of
@@ -174,6 +206,7 @@ class WorkerResult:
     peak_memory: int  # bytes, torch.cuda.max_memory_allocated during scoring
     batch_shape: list[int]  # [rows, row_len, targets]
     same_items_s: float | None  # rank 0 with --baseline-items: hsc on exactly the baseline's items
+    sustained_gemm: float | None  # rank 0: sustained_gemm_rate right after scoring, the GPU still hot
 
 
 def baseline_sample(n_items: int, wanted: int | None) -> list[int]:
@@ -227,6 +260,10 @@ def _worker(rank: int, cfg: BenchConfig, requests: list[Request], args: ModelArg
     if cfg.gpus > 1:
         dist.barrier()
     seconds = time.perf_counter() - t0
+    sustained = None
+    if rank == 0 and cfg.sustained_gemm_s > 0:  # right after scoring: the GPU is at its working clocks
+        sustained = sustained_gemm_rate(cfg.precision, cfg.batch_tokens, args.dim, args.ffn_dim, device,
+                                        cfg.fast_accum, seconds=cfg.sustained_gemm_s)
     same_items_s = None
     if rank == 0 and cfg.baseline_items:  # hsc on exactly the baseline's items, same compiled graph
         sub = scorer.prepare(_requests_of(requests, baseline_sample(len(requests) // 4, cfg.baseline_items)),
@@ -237,7 +274,7 @@ def _worker(rank: int, cfg: BenchConfig, requests: list[Request], args: ModelArg
         torch.cuda.synchronize()
         same_items_s = time.perf_counter() - t1
     queue.put(WorkerResult(rank, seconds, warm, sum(batches.real_tokens), torch.cuda.max_memory_allocated(device),
-                           list(batches.shape), same_items_s))
+                           list(batches.shape), same_items_s, sustained))
     if cfg.gpus > 1:
         dist.destroy_process_group()
 
@@ -293,6 +330,10 @@ def run_bench(cfg: BenchConfig, items: list[Item], tokenizer, echo=print) -> dic
         "fraction_of_gemm_rate": round(model_flops / seconds / (rate * cfg.gpus), 3),  # per GPU
         "device": torch.cuda.get_device_name(0),
     }
+    sustained = results[0].sustained_gemm
+    if sustained is not None:  # the same product, back to back for cfg.sustained_gemm_s after scoring
+        out["gemm_tflops_sustained"] = round(sustained / 1e12, 1)
+        out["fraction_of_sustained_gemm_rate"] = round(model_flops / seconds / (sustained * cfg.gpus), 3)
     if cfg.baseline == "hf":
         # After the workers have exited, so their GPU memory is free for the transformers model.
         sample = baseline_sample(len(items), cfg.baseline_items)

@@ -56,3 +56,21 @@ def test_random_model_tp_slice_has_the_rank_shapes():
 def test_bench_refusals(hsc, shared_data, argv, message):
     code, _, err = hsc("bench", "--shape", "llama-30b", *argv)
     assert code == 1 and message in err and len(err.splitlines()) == 1
+
+
+def test_sustained_gemm_rate_is_flops_over_back_to_back_time(monkeypatch):
+    import time
+
+    import runtime.bench as bench
+
+    calls = []
+
+    def fake_product(*args, **kwargs):  # 2 ms a product, as a GPU at steady clocks would take
+        return lambda: (calls.append(1), time.sleep(0.002))
+
+    monkeypatch.setattr(bench, "gemm_product", fake_product)
+    rate = bench.sustained_gemm_rate("bf16", 10, 10, 10, "cpu", seconds=0.3, window_s=0.02)
+    assert 0.5e6 < rate <= 1.0e6  # 2 * 10**3 FLOP per 2 ms; sleeping never takes less
+    assert len(calls) > 50  # back to back for the whole time, in windows of several products
+    real = bench.sustained_gemm_rate("fp32", 64, 64, 64, "cpu", seconds=0.05, window_s=0.005)  # the real kernel
+    assert real > 0

@@ -174,9 +174,11 @@ def run_cmd(artifact, data, limit, output, bos, device, batch_tokens, engine, co
 @click.option("--data", default=None, help="HellaSwag source, as for hsc run")
 @click.option("--tokenizer", "tokenizer_path", type=click.Path(path_type=Path), default=None,
               help="LLaMA tokenizer.model [default: shared/data/llama-tokenizer.model]")
+@click.option("--sustained-gemm-s", type=float, default=15.0, show_default=True,
+              help="seconds of back-to-back products after scoring, for the GEMM rate a long run holds (0: skip)")
 @click.option("--output", type=click.Path(path_type=Path), default=None, help="write bench.json here")
 def bench_cmd(shape, precision, gpus, tp, layers, limit, batch_tokens, compile_, fast_accum, block_regions,
-              baseline, baseline_items, data, tokenizer_path, output):
+              baseline, baseline_items, data, tokenizer_path, sustained_gemm_s, output):
     """Time the runtime at a model shape with random weights on the GPU(s), over real HellaSwag tokens."""
     from runtime.bench import BenchConfig, run_bench
     from runtime.hellaswag import load_items
@@ -186,7 +188,8 @@ def bench_cmd(shape, precision, gpus, tp, layers, limit, batch_tokens, compile_,
     items, _ = load_items(data)
     cfg = BenchConfig(shape=shape, precision=precision, gpus=gpus, tp=tp, layers=layers, limit=limit,
                       batch_tokens=batch_tokens, compile=compile_, fast_accum=fast_accum,
-                      block_regions=block_regions, baseline=baseline, baseline_items=baseline_items)
+                      block_regions=block_regions, baseline=baseline, baseline_items=baseline_items,
+                      sustained_gemm_s=sustained_gemm_s)
     result = run_bench(cfg, items, tok, echo=click.echo)
     if output:
         Path(output).mkdir(parents=True, exist_ok=True)
