@@ -108,8 +108,10 @@ def random_slice(name: str, fan_in: int, shape: tuple[int, ...], seed: int, rank
         return torch.ones(shape, dtype=dtype)
     gen = torch.Generator().manual_seed(tensor_seed(seed, name, rank))
     # Drawn in fp32, then rounded: on torch 2.13 the same values as an fp16 draw (every record of a
-    # 2-layer 30B checkpoint compared), and never on a half-precision sampling path, which other torch
-    # versions may run more slowly (the device's torch 2.11 wrote 4.5x slower; the cause is not known).
+    # 2-layer 30B checkpoint compared), and never on CPU normal_'s half-precision path. Before the fix of
+    # pytorch/pytorch#173173 that path was not vectorised (3-5x slower than fp32 there), which matches the
+    # device's torch 2.11 writing 4.5x slower than torch 2.13 here; #166853 reports it also ran the
+    # transform in the output dtype, clipping the tails.
     return torch.empty(shape, dtype=torch.float32).normal_(0.0, 1.0 / math.sqrt(fan_in), generator=gen).to(dtype)
 
 
