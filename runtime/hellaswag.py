@@ -139,7 +139,7 @@ _OFFICIAL_SPLITS = {"train": "train", "val": "validation", "test": "test"}
 def load_split(data: str | None, datasets_split: str = "validation") -> tuple[list[Item], str, str]:
     """load_items, and the split the items come from: "train", "validation", "test" or "unknown".
     With `datasets`: `datasets_split`. A file: the official jsonl's `split` field where every item has
-    one and they agree; else its name (train, val or test in it); else "validation" for a file of
+    one and they agree; else a word of its name (train; val, validation or dev; test); else "validation" for a file of
     exactly the validation set's 10,042 items; else "unknown"."""
     if data == "datasets" or (data is None and find_shared_file() is None):
         return load_datasets(datasets_split), f"datasets:Rowan/hellaswag/{datasets_split}", datasets_split
@@ -166,7 +166,9 @@ def _split_of(name: str, official: set[str], n_items: int) -> str:
         return _OFFICIAL_SPLITS[next(iter(official))]
     if official - {""}:  # several splits in one file, or items without the field
         return "unknown"
-    named = [split for key, split in (("train", "train"), ("val", "validation"), ("test", "test")) if key in name]
+    words = set(re.split(r"[^a-z]+", name))  # "hellaswag_val_full.txt" -> hellaswag, val, full, txt
+    named = [split for keys, split in (({"train"}, "train"), ({"val", "validation", "dev"}, "validation"),
+                                       ({"test"}, "test")) if words & keys]
     if len(named) == 1:
         return named[0]
     return "validation" if n_items == VALIDATION_SIZE and not named else "unknown"

@@ -56,7 +56,8 @@ def test_the_split_of_a_source(tmp_path, monkeypatch):
     assert load_split(jsonl("c.jsonl", "train", "val"))[2] == "unknown"  # two splits in one file
     item = "ctx\n1\na\nb\nc\nd\n"
     for name, split in (("hellaswag_train.txt", "train"), ("my_val_slice.txt", "validation"), ("items.txt", "unknown"),
-                        ("train_and_val.txt", "unknown")):
+                        ("train_and_val.txt", "unknown"), ("hs_train64.txt", "train"), ("interval.txt", "unknown"),
+                        ("Test.TXT", "test")):
         (tmp_path / name).write_text(item)
         items, source, got = load_split(str(tmp_path / name))
         assert (len(items), source, got) == (1, str((tmp_path / name).resolve()), split), name
