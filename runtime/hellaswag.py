@@ -139,11 +139,16 @@ _OFFICIAL_SPLITS = {"train": "train", "val": "validation", "test": "test"}
 def load_split(data: str | None, datasets_split: str = "validation") -> tuple[list[Item], str, str]:
     """load_items, and the split the items come from: "train", "validation", "test" or "unknown".
     With `datasets`: `datasets_split`. A file: the official jsonl's `split` field where every item has
-    one and they agree; else a word of its name (train; val, validation or dev; test); else "validation" for a file of
-    exactly the validation set's 10,042 items; else "unknown"."""
-    if data == "datasets" or (data is None and find_shared_file() is None):
+    one and they agree; else a word of its name (train; val, validation or dev; test); else
+    "validation" for a file of exactly the validation set's 10,042 items; else "unknown"."""
+    if data == "datasets":
+        path = None
+    elif data is None:
+        path = find_shared_file()  # None: there is none, so datasets
+    else:
+        path = Path(data)
+    if path is None:
         return load_datasets(datasets_split), f"datasets:Rowan/hellaswag/{datasets_split}", datasets_split
-    path = Path(data) if data is not None else find_shared_file()
     if not path.is_file():
         raise file_error(path, "no such HellaSwag file")
     name = path.name.removesuffix(".bz2")
