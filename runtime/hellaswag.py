@@ -77,11 +77,7 @@ def load_six_line(path: Path) -> list[Item]:
     return items
 
 
-def load_jsonl(path: Path) -> list[Item]:
-    return _load_jsonl(path)[0]
-
-
-def _load_jsonl(path: Path) -> tuple[list[Item], set[str]]:
+def load_jsonl(path: Path) -> tuple[list[Item], set[str]]:
     """The items, and the values of the official format's `split` field ("train", "val", "test")."""
     items, splits = [], set()
     with _open_text(path) as f:
@@ -155,7 +151,7 @@ def load_split(data: str | None, datasets_split: str = "validation") -> tuple[li
     splits: set[str] = set()
     try:
         if name.endswith((".jsonl", ".json")):
-            items, splits = _load_jsonl(path)
+            items, splits = load_jsonl(path)
         else:
             items = load_six_line(path)
     except (UnicodeDecodeError, OSError, EOFError) as e:  # not UTF-8 text, or a damaged .bz2

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from runtime.artifact import load_manifest, sha256_of
+from runtime.artifact import load_manifest, verify_file
 from runtime.config import LAYER_TENSORS, PRECISION_DTYPES, layer_shapes
 from runtime.errors import HscError, file_error
 from runtime.hellaswag import Item, load_split
@@ -247,11 +247,8 @@ def reuse_calibration(src: ModelSource, opts: QuantOptions, source: str, add_bos
     calib = load_manifest(artifact).calibration
     if not calib or not calib.get("file"):
         raise file_error(artifact, "holds no calibration statistics (only quantized artifacts do)")
+    verify_file(artifact, calib["file"], calib.get("sha256"), calib.get("bytes"))  # as inspect --verify does
     path = artifact / calib["file"]
-    if not path.is_file():
-        raise file_error(path, "missing from the artifact")
-    if sha256_of(path) != calib.get("sha256"):
-        raise file_error(path, "sha256 does not match the manifest (tampered or corrupt)")
     try:
         stats = CalibrationStats.load(path)
     except ValueError as e:
