@@ -68,11 +68,13 @@ def random_model(args: ModelArgs, dtype: torch.dtype, device, seed: int = 0,
     return model.use_half_split_rope().eval()
 
 
-def flops_per_token(args: ModelArgs, context: int) -> float:
-    """Matrix FLOPs of one token through the body (linears + attention scores over `context` keys)."""
+def model_flops(args: ModelArgs, tokens: int, attended_keys: int, scored: int) -> float:
+    """Matrix FLOPs the model needs: `tokens` through the body's linears, attention (q.k and p.v)
+    over `attended_keys` keys in all, and the LM head at the `scored` positions. Work a layout
+    spends beyond this (padding, masked-out blocks) is not counted."""
     kv = args.kv_heads * args.head_dim
     linear = 2 * (2 * args.dim * args.dim + 2 * args.dim * kv + 3 * args.dim * args.ffn_dim)
-    return args.n_layers * (linear + 4 * context * args.dim)
+    return args.n_layers * (linear * tokens + 4 * args.dim * attended_keys) + 2 * args.dim * args.vocab_size * scored
 
 
 def gemm_product(precision: str, m: int, k: int, n: int, device, fast_accum: bool = False):
@@ -187,6 +189,7 @@ class BenchConfig:
     batch_tokens: int = 16384
     compile: bool = True
     fast_accum: bool = False  # fp8: torch._scaled_mm's use_fast_accum (Float8WeightFloat8Activation)
+    layout: str | None = None  # packed batches, "rows" or "flat"; None: PackedScorer's default
     block_regions: bool = False  # compile one transformer block for all layers (PackedScorer)
     sustained_gemm_s: float = 15.0  # seconds of back-to-back products after scoring (0: not measured)
     baseline: str = "none"  # "hf": also time lm-eval's transformers loop
@@ -203,6 +206,8 @@ class WorkerResult:
     scoring_s: float
     warmup_s: float
     tokens: int  # real (non-padding) tokens this rank scored
+    attended_keys: int  # keys those tokens attend to, summed (Batches.attended_keys)
+    layout: str
     peak_memory: int  # bytes, torch.cuda.max_memory_allocated during scoring
     batch_shape: list[int]  # [rows, row_len, targets]
     same_items_s: float | None  # rank 0 with --baseline-items: hsc on exactly the baseline's items
@@ -245,7 +250,7 @@ def _worker(rank: int, cfg: BenchConfig, requests: list[Request], args: ModelArg
     replica = rank // cfg.tp
     mine = [r for k in range(replica, len(requests) // 4, replicas) for r in requests[4 * k: 4 * k + 4]]
     scorer = PackedScorer(model, device, None, cfg.batch_tokens, compile=cfg.compile,
-                          block_regions=cfg.block_regions)
+                          block_regions=cfg.block_regions, layout=cfg.layout)
     batches = scorer.prepare(mine)
     t0 = time.perf_counter()
     scorer.warmup(batches)
@@ -273,7 +278,8 @@ def _worker(rank: int, cfg: BenchConfig, requests: list[Request], args: ModelArg
         scorer.score(sub)
         torch.cuda.synchronize()
         same_items_s = time.perf_counter() - t1
-    queue.put(WorkerResult(rank, seconds, warm, sum(batches.real_tokens), torch.cuda.max_memory_allocated(device),
+    queue.put(WorkerResult(rank, seconds, warm, sum(batches.real_tokens), batches.attended_keys(), scorer.layout,
+                           torch.cuda.max_memory_allocated(device),
                            list(batches.shape), same_items_s, sustained))
     if cfg.gpus > 1:
         dist.destroy_process_group()
@@ -318,22 +324,23 @@ def run_bench(cfg: BenchConfig, items: list[Item], tokenizer, echo=print) -> dic
     dtype = compute_dtype(cfg.precision)
     rate = gemm_rate(cfg.precision, cfg.batch_tokens, args.dim, args.ffn_dim, "cuda", cfg.fast_accum)
     n_targets = sum(len(r.continuation) for r in requests)
-    model_flops = tokens * flops_per_token(args, results[0].batch_shape[1] / 2) + 2 * args.dim * args.vocab_size * n_targets
+    keys = sum(r.attended_keys for r in results if r.rank % cfg.tp == 0)
+    flops = model_flops(args, tokens, keys, n_targets)
     out = {
         "shape": cfg.shape, "layers": args.n_layers, "precision": cfg.precision, "gpus": cfg.gpus, "tp": cfg.tp,
-        "fast_accum": cfg.fast_accum, "block_regions": cfg.block_regions, "items": len(items), "tokens": tokens,
+        "fast_accum": cfg.fast_accum, "layout": results[0].layout, "block_regions": cfg.block_regions, "items": len(items), "tokens": tokens,
         "scoring_s": round(seconds, 3),
         "warmup_s": round(max(r.warmup_s for r in results), 1), "tokens_per_s": round(tokens / seconds),
         "batch_shape": results[0].batch_shape, "peak_gpu_memory_gb": round(max(r.peak_memory for r in results) / 1e9, 2),
         "gemm_tflops_measured": round(rate / 1e12, 1),
-        "achieved_tflops": round(model_flops / seconds / 1e12, 1),
-        "fraction_of_gemm_rate": round(model_flops / seconds / (rate * cfg.gpus), 3),  # per GPU
+        "achieved_tflops": round(flops / seconds / 1e12, 1),
+        "fraction_of_gemm_rate": round(flops / seconds / (rate * cfg.gpus), 3),  # per GPU
         "device": torch.cuda.get_device_name(0),
     }
     sustained = results[0].sustained_gemm
     if sustained is not None:  # the same product, back to back for cfg.sustained_gemm_s after scoring
         out["gemm_tflops_sustained"] = round(sustained / 1e12, 1)
-        out["fraction_of_sustained_gemm_rate"] = round(model_flops / seconds / (sustained * cfg.gpus), 3)
+        out["fraction_of_sustained_gemm_rate"] = round(flops / seconds / (sustained * cfg.gpus), 3)
     if cfg.baseline == "hf":
         # After the workers have exited, so their GPU memory is free for the transformers model.
         sample = baseline_sample(len(items), cfg.baseline_items)

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from runtime.config import ModelArgs
 from runtime.quant import QuantLinear
@@ -121,6 +122,8 @@ class Attention(nn.Module):
         gqa = self.n_kv_heads != self.n_heads  # query head h reads kv head h // (n_heads / n_kv_heads)
         if attn_mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        elif isinstance(attn_mask, BlockMask):  # block-sparse (runtime.packed's flat layout)
+            out = flex_attention(q, k, v, block_mask=attn_mask, enable_gqa=gqa)
         else:
             if gqa:  # the masked (memory-efficient) kernels want as many kv heads as query heads
                 rep = self.n_heads // self.n_kv_heads
@@ -205,7 +208,7 @@ class Transformer(nn.Module):
                 attn_mask: torch.Tensor | None = None, block_regions: bool = False) -> torch.Tensor:
         """Final-norm hidden states [B, T, dim] (the LM head is applied by the scorer, only
         where a log-prob is needed). tokens/positions: [B, T]; attn_mask: bool [B, 1, T, T]
-        (True = may attend) or None for plain causal attention. block_regions: under torch.compile,
+        (True = may attend), a FlexAttention BlockMask, or None for plain causal attention. block_regions: under torch.compile,
         compile one block and reuse it for every layer (TransformerBlock.forward_region)."""
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)

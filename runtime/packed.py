@@ -2,19 +2,20 @@
 
 Each item becomes a prefix tree: its context once, then its 4 endings (without their last token,
 which predicts nothing) as branches; endings that start alike share their first tokens, and items
-whose contexts share a prefix (same activity label and opening words) share one tree. A token
+whose contexts share a prefix (BOS, the activity label and opening words) share one tree. A token
 attends to its ancestors in the tree and to itself, at its depth as position, so every ending sees
 exactly what it would see in its own forward pass (lm-eval's loop), and every shared token is
-computed once instead of up to 4x (1.85 M -> 1.83 M tokens on HellaSwag; one forward per ending
-would be 3.6 M).
+computed once (one forward per ending would be 3.6 M tokens on HellaSwag).
 
-Trees are laid out depth-first and packed first-fit into rows of `row_len` tokens, and rows into
-batches of `rows_per_batch`: every batch has the same shape, so one compiled graph (and one CUDA
-graph) serves the whole set. Attention uses SDPA with a mask built on the device from one small
-per-token tensor (where each token's subtree ends); at row lengths of a few hundred tokens
-attention is a few percent of the FLOPs of a 30B model, so a dense mask costs little and runs on
-every backend. All packing and gather indices are prepared before the timed loop. (FlexAttention
-with a block-sparse mask was faster in isolation but not inside the compiled step: docs/design.md.)
+Two layouts give every batch the same shape, so one compiled graph (and one CUDA graph) serves the
+whole set; all packing, masks and gather indices are prepared before the timed loop:
+- rows: trees (merged while their contexts share enough) packed first-fit into rows of `row_len`
+  tokens, rows into batches of `rows_per_batch` (1.83 M tokens); attention is SDPA with a dense mask
+  built on the device from one small per-token tensor (where each token's subtree ends). Runs on
+  every backend, compiled or not.
+- flat (CUDA, compiled): one row per batch, all of it one tree of a run of context-sorted items, so
+  prefixes shared by many items are computed once per batch (1.76 M tokens); attention is
+  FlexAttention with a block-sparse mask derived from the same tensor. docs/design.md has the numbers.
 """
 
 from __future__ import annotations
@@ -112,29 +113,42 @@ MIN_SHARED = 5
 MAX_SHARED_SEGMENT = 224
 
 
-def make_segments(requests: list[Request], share_prefixes: bool = True) -> list[Segment]:
-    """Requests come 4 per item (build_requests' order) and share the item's context; each item
-    is one tree (context, then its endings, endings that start alike sharing their first
-    tokens). With share_prefixes, items whose contexts share a prefix are merged into one tree."""
+def _items_of(requests: list[Request]) -> list[list[tuple[int, Request]]]:
+    """Requests come 4 per item (build_requests' order) and share the item's context."""
     items = []
     for k in range(0, len(requests), 4):
         group = [(k + j, r) for j, r in enumerate(requests[k:k + 4])]
         assert all(r.context == group[0][1].context for _, r in group), "an item's endings share its context"
         items.append(group)
+    return items
+
+
+def _context_order(items: list[list[tuple[int, Request]]]) -> tuple[list[int], list[int]]:
+    """Items sorted by context, and how many context tokens each shares with the one before it.
+    Sorted, an item's predecessor shares the most with it of all earlier items, so merging a run of
+    sorted items saves exactly the sum of these counts (more only where identical contexts also have
+    endings that start alike)."""
+    context = lambda i: items[i][0][1].context
+    order = sorted(range(len(items)), key=context)
+    shared = [0] + [_common_prefix(context(a), context(b)) for a, b in zip(order, order[1:])]
+    return order, shared
+
+
+def make_segments(requests: list[Request], share_prefixes: bool = True) -> list[Segment]:
+    """Each item is one tree (context, then its endings, endings that start alike sharing their
+    first tokens). With share_prefixes, items whose contexts share a prefix are merged into one tree."""
+    items = _items_of(requests)
     alone = [tree_segment(g) for g in items]
     if not share_prefixes:
         return alone
     solo = [len(s.tokens) for s in alone]
-    order = sorted(range(len(items)), key=lambda i: items[i][0][1].context)
+    order, shared = _context_order(items)
     segments, members, bound = [], [], 0
-    for i in order:
+    for i, common in zip(order, shared):
         if members:
-            shared = _common_prefix(items[members[-1]][0][1].context, items[i][0][1].context)
-            # Sorted contexts: the previous one shares the most with this one, so this is an upper
-            # bound of the merged tree's size.
-            if shared >= MIN_SHARED and bound + solo[i] - shared <= MAX_SHARED_SEGMENT:
+            if common >= MIN_SHARED and bound + solo[i] - common <= MAX_SHARED_SEGMENT:
                 members.append(i)
-                bound += solo[i] - shared
+                bound += solo[i] - common  # an upper bound of the merged tree's size
                 continue
             segments.append(_merged(members, items, alone))
         members, bound = [i], solo[i]
@@ -162,6 +176,13 @@ class Batches:
     target_ids: torch.Tensor  # [n_batches, N]
     target_request: torch.Tensor  # [n_batches, N] request index, -1 for padding targets
     real_tokens: list[int]  # non-padding tokens per batch (for tokens/s)
+    # The flat layout's FlexAttention mask (tree_block_mask, on the device); None: dense SDPA masks.
+    block_mask: tuple[torch.Tensor, ...] | None = None
+
+    def attended_keys(self) -> int:
+        """Keys the real tokens attend to, summed (a token at depth d reads d + 1): attention's
+        work as the model needs it, whatever the layout computes."""
+        return int(((self.positions + 1) * (self.slot != PAD_SLOT).to(self.positions.device)).sum())
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -201,6 +222,121 @@ def _first_fit(lengths: list[int], row_len: int) -> list[list[int]]:
         rows[r].append(i)
         room[r] -= lengths[i]
     return rows
+
+
+# The flat layout (CUDA, compiled): a batch is one row of T tokens, and all of it is one tree, built
+# from a run of items sorted by context. A prefix that many items share (the BOS token, an activity
+# label and the words after it, a repeated context) is then computed once per batch instead of once
+# per short row: on HellaSwag's validation set with LLaMA's tokenizer, 1.758 M tokens in 110 batches
+# of 16,128 instead of 1.834 M in 114 of [36 x 448]. A dense mask over 16k tokens would be 16k x 16k,
+# so this layout runs FlexAttention with a block-sparse mask derived from the tree (tree_block_mask):
+# queries in blocks of FLEX_Q_BLOCK tokens, keys in blocks of flex_kv_block(head_dim). A far ancestor
+# (the shared BOS, an activity label) makes its whole key block read by every query block below it,
+# so smaller key blocks waste less: on the full set's batches 128-key blocks read 1.33x the elements
+# of [36 x 448] dense rows, 64-key blocks 0.90x.
+FLEX_Q_BLOCK = 128
+
+
+def flex_kv_block(head_dim: int) -> int:
+    """64 for heads of 128 or more (LLaMA-30B: FlexAttention's kernel reads keys in tiles of 64
+    there, and 64-key blocks read 0.68x the mask elements of 128-key ones); 128 for smaller heads,
+    whose 16-bit kernel tiles are 128 keys wide (torch 2.11 refuses a mask block that is not a
+    multiple of the tile: 64 failed for SmolLM2's heads of 64); 128 is a multiple of every tile width."""
+    return 64 if head_dim >= 128 else 128
+
+
+def _flat_groups(sizes: list[int], shared: list[int], row_len: int) -> list[list[int]]:
+    """Next-fit over items in context order (positions in that order): an item joins the current
+    tree at its own tree's size minus the tokens it shares with its predecessor (an upper bound of
+    what it adds), else starts the next tree, where it pays its whole size again."""
+    groups: list[list[int]] = []
+    used = 0
+    for k, (size, common) in enumerate(zip(sizes, shared)):
+        if groups and used + size - common <= row_len:
+            groups[-1].append(k)
+            used += size - common
+        else:
+            groups.append([k])
+            used = size
+    return groups
+
+
+# Flat rows are a multiple of 256 tokens: cuBLAS then picks its 256-row tile kernels for the linears,
+# which ran 4.6% faster per token at M = 16,128 than the 192-row tiles it picked at M = 16,256 (H200,
+# LLaMA-30B shapes, docs/benchmarks.md).
+FLAT_ROW_MULTIPLE = 256
+
+
+def choose_flat_len(sizes: list[int], shared: list[int], batch_tokens: int) -> int:
+    """The row length (a multiple of FLAT_ROW_MULTIPLE, at most batch_tokens unless the longest
+    item needs more) that needs the fewest token slots in all, batches x row length; rows shorter
+    than half of batch_tokens only when everything fits one batch (short rows run the linears at
+    lower rates). Ties go to the longer row: fewer batches."""
+    step = FLAT_ROW_MULTIPLE
+    longest = step * math.ceil(max(sizes) / step)
+    best, best_slots = None, None
+    for row_len in range(longest, max(longest, batch_tokens // step * step) + 1, step):
+        n = len(_flat_groups(sizes, shared, row_len))
+        if (2 * row_len >= batch_tokens or n == 1) and (best is None or n * row_len <= best_slots):
+            best, best_slots = row_len, n * row_len
+    return best if best is not None else longest
+
+
+def flat_segments(requests: list[Request], batch_tokens: int, row_len: int | None = None
+                  ) -> tuple[list[Segment], int]:
+    """One tree per batch, and the row length (row_len, or chosen from batch_tokens)."""
+    items = _items_of(requests)
+    order, shared = _context_order(items)
+    sizes = [len(tree_segment(items[i]).tokens) for i in order]
+    if row_len is None:
+        row_len = choose_flat_len(sizes, shared, batch_tokens)
+    if max(sizes) > row_len:
+        raise ValueError(f"an item needs {max(sizes)} tokens, more than the row length {row_len}")
+    groups = _flat_groups(sizes, shared, row_len)
+    return [tree_segment([x for k in g for x in items[order[k]]]) for g in groups], row_len
+
+
+def tree_block_mask(subtree_end: torch.Tensor, kv_block: int, q_block: int = FLEX_Q_BLOCK
+                    ) -> tuple[torch.Tensor, ...]:
+    """FlexAttention's block-sparse view of the tree mask j <= i < subtree_end[j], for subtree_end
+    [n, B, T] (T a multiple of q_block, q_block a multiple of kv_block): (kv_num_blocks [n, B, 1, Q],
+    kv_indices [n, B, 1, Q, K], full_kv_num_blocks, full_kv_indices), as BlockMask.from_kv_blocks
+    takes them per batch. Key j is read by exactly the queries [j, subtree_end[j]). So a key block
+    is read by a query block iff it starts at or before the query block's last token (and then, the
+    blocks being aligned, all its keys are) and some key's subtree reaches past the query block's
+    first token (max subtree_end > first); it is read in full iff it ends at or before the query
+    block's first token and every key's subtree covers the whole query block. Blocks read in part
+    evaluate the mask per element; the others are skipped."""
+    n, B, T = subtree_end.shape
+    if T % q_block or q_block % kv_block:
+        raise ValueError(f"row length {T}: not a multiple of the query block {q_block}, or it of the key block {kv_block}")
+    ends = subtree_end.view(n, B, T // kv_block, kv_block)
+    reach, cover = ends.amax(-1)[:, :, None, :], ends.amin(-1)[:, :, None, :]  # [n, B, 1, K] per key block
+    q_first = torch.arange(0, T, q_block, device=subtree_end.device)[:, None]  # [Q, 1]
+    kv_first = torch.arange(0, T, kv_block, device=subtree_end.device)[None, :]  # [1, K]
+    read = (kv_first < q_first + q_block) & (reach > q_first)
+    full = (kv_first + kv_block <= q_first) & (cover >= q_first + q_block)
+    parts = []
+    for blocks in (read & ~full, full):
+        # The listed blocks first, in order (a stable sort of "not listed"); the rest are never read.
+        parts.append(blocks.sum(-1, dtype=torch.int32)[:, :, None])
+        parts.append(torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True).to(torch.int32)[:, :, None])
+    return tuple(parts)
+
+
+def flex_block_mask(subtree_end: torch.Tensor, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices):
+    """The BlockMask of one batch (subtree_end [B, T]) from its tree_block_mask parts; the partly
+    read blocks evaluate the element mask j <= i < subtree_end[j]. Cheap: it only wraps the parts."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    T = subtree_end.shape[-1]
+    q_block, kv_block = T // kv_num_blocks.shape[-1], T // kv_indices.shape[-1]  # as tree_block_mask made them
+
+    def in_tree(b, h, q, kv):
+        return (kv <= q) & (q < subtree_end[b, kv])
+
+    return BlockMask.from_kv_blocks(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
+                                    BLOCK_SIZE=(q_block, kv_block), mask_mod=in_tree, seq_lengths=(T, T))
 
 
 def pack(segments: list[Segment], row_len: int, rows_per_batch: int, target_multiple: int = 256,
@@ -264,21 +400,44 @@ def attention_mask(subtree_end: torch.Tensor) -> torch.Tensor:
     return allowed[:, None]
 
 
-def packed_step(model, tokens, positions, subtree_end, target_index, target_ids,
+def packed_step(model, tokens, positions, subtree_end, target_index, target_ids, *block_mask_parts,
                 block_regions: bool = False) -> torch.Tensor:
     """log p(target) [N] in fp32 for one packed batch (the function that gets compiled).
+    block_mask_parts: the batch's tree_block_mask (flat layout; FlexAttention), else a dense mask.
     block_regions: compile one transformer block for all layers (Transformer.forward)."""
-    hidden = model(tokens, positions, attention_mask(subtree_end), block_regions=block_regions)  # [B, T, D]
+    if block_mask_parts:
+        mask = flex_block_mask(subtree_end, *block_mask_parts)
+    else:
+        mask = attention_mask(subtree_end)
+    hidden = model(tokens, positions, mask, block_regions=block_regions)  # [B, T, D]
     picked = hidden.flatten(0, 1).index_select(0, target_index)  # [N, D]
     return model.token_logprobs(picked, target_ids)
 
 
+LAYOUTS = ("rows", "flat")
+
+
+def default_layout(device, compile: bool) -> str:
+    """flat where FlexAttention runs as a compiled kernel (CUDA, torch.compile); rows elsewhere:
+    uncompiled FlexAttention materialises the whole [heads, T, T] score matrix, and on the CPU the
+    dense-mask rows are the tested path."""
+    return "flat" if compile and torch.device(device).type == "cuda" else "rows"
+
+
 class PackedScorer:
     def __init__(self, model, device, row_len: int | None = None, batch_tokens: int = 16384,
-                 rows_per_batch: int | None = None, compile: bool = False, block_regions: bool = False):
-        """row_len None: from the data; rows_per_batch None: batch_tokens // row_len.
+                 rows_per_batch: int | None = None, compile: bool = False, block_regions: bool = False,
+                 layout: str | None = None):
+        """row_len None: from the data; rows_per_batch None: batch_tokens // row_len (rows layout;
+        the flat layout has one row per batch). layout: "rows" (trees first-fit into short rows,
+        dense SDPA masks) or "flat" (one tree per batch, FlexAttention); None: default_layout.
         block_regions (with compile): compile one transformer block and reuse it for every layer."""
         self.model, self.device = model, torch.device(device)
+        self.layout = layout or default_layout(self.device, compile)
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout {self.layout!r}: choose one of {', '.join(LAYOUTS)}")
+        if self.layout == "flat" and row_len is not None and row_len % FLEX_Q_BLOCK:
+            raise ValueError(f"row length {row_len}: the flat layout needs a multiple of {FLEX_Q_BLOCK}")
         self.row_len, self.batch_tokens, self.rows_per_batch = row_len, batch_tokens, rows_per_batch
         step = lambda *a: packed_step(model, *a, block_regions=block_regions)
         # reduce-overhead = inductor kernels replayed through CUDA graphs: one fixed shape, so
@@ -290,25 +449,34 @@ class PackedScorer:
     def prepare(self, requests: list[Request], like: Batches | None = None) -> Batches:
         """Pack `requests`; with `like`, into exactly the shape of earlier batches, so the
         compiled step (and its CUDA graph) is reused."""
-        segments = make_segments(requests)
-        if self.row_len is None:
-            self.row_len = choose_row_len(segments, self.batch_tokens)
-        rows = _first_fit([len(s.tokens) for s in segments], self.row_len)
-        if self.rows_per_batch is None:
-            self.rows_per_batch = max(1, self.batch_tokens // self.row_len)
-            if not self.compiled:  # eager: no graph to reuse, so do not pad a short run to a full batch
-                self.rows_per_batch = min(self.rows_per_batch, len(rows))
-        batches = pack(segments, self.row_len, self.rows_per_batch,
-                       n_targets=like.target_index.shape[1] if like is not None else None, rows=rows)
+        n_targets = like.target_index.shape[1] if like is not None else None
+        if self.layout == "flat":
+            segments, self.row_len = flat_segments(requests, self.batch_tokens, self.row_len)
+            self.rows_per_batch = 1
+            rows = [[i] for i in range(len(segments))]
+        else:
+            segments = make_segments(requests)
+            if self.row_len is None:
+                self.row_len = choose_row_len(segments, self.batch_tokens)
+            rows = _first_fit([len(s.tokens) for s in segments], self.row_len)
+            if self.rows_per_batch is None:
+                self.rows_per_batch = max(1, self.batch_tokens // self.row_len)
+                if not self.compiled:  # eager: no graph to reuse, so do not pad a short run to a full batch
+                    self.rows_per_batch = min(self.rows_per_batch, len(rows))
+        batches = pack(segments, self.row_len, self.rows_per_batch, n_targets=n_targets, rows=rows)
         self.n_requests = len(requests)
         for name in ("tokens", "positions", "subtree_end", "target_index", "target_ids"):
             setattr(batches, name, getattr(batches, name).to(self.device))
+        if self.layout == "flat":
+            head_dim = self.model.args.head_dim if self.model is not None else 128
+            batches.block_mask = tree_block_mask(batches.subtree_end, flex_kv_block(head_dim))
         return batches
 
     @staticmethod
     def _step_args(batches: Batches, b: int) -> tuple[torch.Tensor, ...]:
+        mask = tuple(part[b] for part in batches.block_mask) if batches.block_mask is not None else ()
         return (batches.tokens[b], batches.positions[b], batches.subtree_end[b], batches.target_index[b],
-                batches.target_ids[b])
+                batches.target_ids[b], *mask)
 
     @torch.inference_mode()
     def warmup(self, batches: Batches, steps: int = 3) -> None:

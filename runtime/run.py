@@ -30,8 +30,9 @@ class RunConfig:
     batch_tokens: int = 16384  # tokens per forward, padding included
     engine: str = "packed"  # "packed": shared context, fixed shapes; "reference": one forward per ending
     compile: bool | None = None  # torch.compile (+ CUDA graphs on GPUs); None: on CUDA only
-    row_len: int | None = None  # packed rows; None: the longest item rounded up to 64
+    row_len: int | None = None  # packed rows; None: from the data and batch_tokens (PackedScorer)
     exclude_calibration: bool = False  # leave out the items a quantized artifact was calibrated on
+    layout: str | None = None  # packed: "rows" or "flat"; None: runtime.packed.default_layout
 
 
 class ReferenceEngine:
@@ -56,7 +57,13 @@ def make_engine(model, cfg: RunConfig, device):
     if cfg.engine != "packed":
         raise HscError(f"--engine {cfg.engine}: choose packed or reference")
     compile = device.type == "cuda" if cfg.compile is None else cfg.compile
-    return PackedScorer(model, device, cfg.row_len, cfg.batch_tokens, compile=compile)
+    if cfg.layout == "flat" and not compile:
+        raise HscError("--layout flat needs --compile: uncompiled FlexAttention materialises the whole "
+                       "[heads, T, T] score matrix of every 16k-token batch")
+    try:
+        return PackedScorer(model, device, cfg.row_len, cfg.batch_tokens, compile=compile, layout=cfg.layout)
+    except ValueError as e:  # a row length the layout cannot use
+        raise HscError(f"--row-len {cfg.row_len}: {e}") from None
 
 
 def configure_backends(dtype: torch.dtype) -> None:
@@ -185,7 +192,8 @@ def run(cfg: RunConfig, command: str, echo=print) -> dict:
         "join_mismatch_requests": sum(r.join_mismatch for r in requests),
         "tokens_forwarded": n_tokens,
         "engine": cfg.engine,
-        "batch_shape": list(prepared.shape) if cfg.engine == "packed" else None,
+        "batch_shape": list(prepared.shape) if cfg.engine == "packed" else None,  # [rows, row length, targets]
+        "layout": engine.layout if cfg.engine == "packed" else None,
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "precision": manifest.precision,
         "world_size": d.world_size, "tp": d.tp, "dp": d.dp, "backend": d.backend,

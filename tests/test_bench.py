@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from runtime.bench import SHAPES, baseline_sample, flops_per_token, random_model
+from runtime.bench import SHAPES, baseline_sample, model_flops, random_model
 from runtime.config import ModelArgs
 
 
@@ -14,13 +14,14 @@ def test_baseline_sample_spreads_over_the_set():
     assert baseline_sample(10, None) == baseline_sample(10, 10) == baseline_sample(10, 50) == list(range(10))
 
 
-def test_flops_per_token_llama_30b():
-    # 2 x 32.5 B parameters in the blocks' linears, about 64 GFLOP a token, plus attention.
+def test_model_flops_llama_30b():
+    # 2 x 32.5 B parameters in the blocks' linears, about 64 GFLOP a token, plus attention and head.
     args = SHAPES["llama-30b"]
-    body = flops_per_token(args, context=0)
+    body = model_flops(args, tokens=1, attended_keys=0, scored=0)
     assert body == pytest.approx(2 * 60 * (4 * 6656 ** 2 + 3 * 6656 * 17920), rel=0)
     assert 63e9 < body < 65e9
-    assert flops_per_token(args, context=100) - body == 60 * 4 * 100 * 6656
+    assert model_flops(args, 1, 100, 0) - body == 60 * 4 * 100 * 6656
+    assert model_flops(args, 1, 0, 3) - body == 3 * 2 * 6656 * 32000
 
 
 @pytest.mark.parametrize("scheme", ["int8", "fp8", "w8"])

@@ -289,6 +289,17 @@ def test_manifest_that_is_not_text(hsc, art_copy):
     assert_one_line_error(code, out, err, manifest, "not valid JSON")
 
 
+def test_run_flat_layout_with_a_row_length_off_its_blocks(hsc, artifact, shared_data, tmp_path):
+    code, out, err = hsc("run", artifact, "--data", shared_data, "--limit", 4, "--layout", "flat",
+                         "--compile", "--row-len", 300, "--output", tmp_path / "res")
+    assert_one_line_error(code, out, err, "--row-len 300", "multiple of 128")
+    assert not (tmp_path / "res").exists()
+    # on the CPU the step is not compiled unless asked
+    code, out, err = hsc("run", artifact, "--data", shared_data, "--limit", 4, "--layout", "flat",
+                         "--output", tmp_path / "res")
+    assert_one_line_error(code, out, err, "--layout flat needs --compile")
+
+
 def test_run_with_unknown_device(hsc, artifact, shared_data, tmp_path):
     code, out, err = hsc("run", artifact, "--data", shared_data, "--limit", 4, "--device", "tpu",
                          "--output", tmp_path / "res")

@@ -33,7 +33,8 @@ def check_against_reference(out_dir, sd, args, items, tokenize, bos):
 
 
 @pytest.mark.parametrize("n_shards, n_heads, n_kv_heads, engine", [
-    (1, 4, None, "packed"), (2, 4, 2, "packed"), (4, 8, 4, "packed"), (4, 8, None, "packed"), (2, 4, 2, "reference")])
+    (1, 4, None, "packed"), (2, 4, 2, "packed"), (4, 8, 4, "packed"), (4, 8, None, "packed"), (2, 4, 2, "reference"),
+    (2, 4, 2, "flat")])
 def test_meta_checkpoint_end_to_end(tmp_path, hsc, shared_data, n_shards, n_heads, n_kv_heads, engine):
     args = ModelArgs(dim=64, n_layers=2, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=-1, multiple_of=32)
     sd = write_tiny_meta_checkpoint(tmp_path / "ckpt", args, n_shards, seed=torch.seed() % 2**31)
@@ -41,12 +42,14 @@ def test_meta_checkpoint_end_to_end(tmp_path, hsc, shared_data, n_shards, n_head
     code, out, err = hsc("compile", tmp_path / "ckpt", "--target", "cpu", "--precision", "fp32", "-o", art)
     assert code == 0, err
     assert "plan:" in out and (art / "rank0.safetensors").is_file() and (art / "tokenizer.model").is_file()
-    code, out, err = hsc("run", art, "--data", shared_data, "--limit", N_ITEMS, "--output", tmp_path / "res",
-                         "--engine", engine)
+    # flat: the CUDA default layout (one tree per batch, FlexAttention), here compiled on the CPU
+    options = ("--engine", "packed", "--layout", "flat", "--compile") if engine == "flat" else ("--engine", engine)
+    code, out, err = hsc("run", art, "--data", shared_data, "--limit", N_ITEMS, "--output", tmp_path / "res", *options)
     assert code == 0, err
     results = json.loads((tmp_path / "res" / "results.json").read_text())
     assert results["n"] == N_ITEMS and results["bos"] is True and results["split"] == "validation"
-    assert results["engine"] == engine
+    assert results["engine"] == ("packed" if engine == "flat" else engine)
+    assert results["layout"] == {"flat": "flat", "packed": "rows", "reference": None}[engine]
     assert set(results["timings"]) >= {"load_s", "warmup_s", "scoring_s"}
     assert "acc_norm" in out and "±" in out
 

@@ -46,13 +46,18 @@ def test_packed_compiled_matches_float64(requests, n_kv_heads):
     assert max(abs(a - b) for a, b in zip(got, eager)) < 1e-3
 
 
-def test_bf16_packed_close_to_fp32(requests):
-    args = ModelArgs(dim=256, n_layers=3, n_heads=8, vocab_size=32000, multiple_of=64)
+@pytest.mark.parametrize("layout", ["flat", "rows"])
+@pytest.mark.parametrize("n_heads,n_kv_heads", [(8, None), (4, None), (2, None), (3, 1)])
+def test_bf16_packed_close_to_fp32(requests, layout, n_heads, n_kv_heads):
+    """Head sizes 32, 64 and 128 and a GQA model with 64-wide heads (SmolLM2's): each has its own
+    FlexAttention kernel tiles, which the flat layout's mask blocks must fit (runtime.packed.flex_kv_block)."""
+    args = ModelArgs(dim=256 if n_heads != 3 else 192, n_layers=3, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                     vocab_size=32000, multiple_of=64)
     model = random_model(args, torch.float32, "cuda", seed=1)
     ref = score_reference(model, requests, "cuda")
     model_bf16 = random_model(args, torch.bfloat16, "cuda", seed=1)
     torch.backends.cuda.matmul.allow_tf32 = True
-    scorer = PackedScorer(model_bf16, "cuda", None, batch_tokens=2048, compile=True)
+    scorer = PackedScorer(model_bf16, "cuda", None, batch_tokens=2048, compile=True, layout=layout)
     batches = scorer.prepare(requests)
     scorer.warmup(batches)
     got = scorer.score(batches)

@@ -134,3 +134,89 @@ def test_single_request_tree_is_its_sequence():
     assert seg.positions.tolist() == [0, 1, 2, 3]
     assert seg.subtree_end.tolist() == [4, 4, 4, 4]
     assert seg.target_offsets.tolist() == [2, 3] and seg.target_ids.tolist() == [8, 9]
+
+
+# The flat layout: one tree per batch, FlexAttention with a block mask derived from the tree.
+
+def _many_items(rng: random.Random, n: int) -> list[Request]:
+    """n items in a few families sharing context prefixes of several lengths (as HellaSwag's
+    activity labels do), in shuffled order, so sorted runs and batch boundaries cut families."""
+    tok = lambda k: tuple(rng.randrange(1, ARGS.vocab_size) for _ in range(k))
+    families = [tok(rng.randrange(1, 9)) for _ in range(4)]
+    requests = []
+    for i in range(n):
+        ctx = rng.choice(families) + tok(rng.randrange(1, 12))
+        endings = [tok(rng.randrange(1, 6)) for _ in range(4)]
+        requests += [Request(i, j, ctx, e, False) for j, e in enumerate(endings)]
+    return requests
+
+
+def test_flat_batches_hold_every_target_once_and_fewer_tokens():
+    from runtime.packed import flat_segments
+
+    requests = _many_items(random.Random(3), 40)
+    segments, row_len = flat_segments(requests, batch_tokens=256)
+    assert row_len % 128 == 0 and len(segments) > 1
+    assert all(len(s.tokens) <= row_len for s in segments)
+    owners = np.concatenate([s.target_request for s in segments])
+    assert sorted(owners.tolist()) == sorted(i for i, r in enumerate(requests) for _ in r.continuation)
+    assert sum(len(s.tokens) for s in segments) < sum(len(s.tokens) for s in make_segments(requests))
+
+
+@pytest.mark.parametrize("q_block,kv_block", [(128, 64), (128, 128), (64, 16)])
+def test_tree_block_mask_is_the_dense_mask_in_blocks(q_block, kv_block):
+    """Blocks listed as partly read are exactly those with some but not all elements allowed by
+    the dense tree mask; blocks listed as fully read exactly those with all; padding included."""
+    from runtime.packed import flat_segments, tree_block_mask
+
+    requests = _many_items(random.Random(4), 60)
+    segments, T = flat_segments(requests, batch_tokens=512)
+    b = pack(segments, T, 1, rows=[[i] for i in range(len(segments))])
+    parts = tree_block_mask(b.subtree_end, kv_block, q_block)
+    nq, nk = T // q_block, T // kv_block
+    for n in range(b.subtree_end.shape[0]):
+        dense = attention_mask(b.subtree_end[n])[0, 0].view(nq, q_block, nk, kv_block).transpose(1, 2)
+        some, every = dense.any(-1).any(-1), dense.all(-1).all(-1)
+        for (num, idx), want in ((parts[0:2], some & ~every), (parts[2:4], every)):
+            got = torch.zeros(nq, nk, dtype=torch.bool)
+            for q in range(nq):
+                got[q, idx[n, 0, 0, q, :num[n, 0, 0, q]].long()] = True
+            assert torch.equal(got, want)
+            assert (num[n, 0, 0] == want.sum(-1)).all()
+
+
+@pytest.mark.parametrize("kv_block", [64, 128])
+@pytest.mark.parametrize("compile", [False, True])
+def test_flat_layout_matches_float64_reference(compile, kv_block, monkeypatch):
+    import runtime.packed as packed
+
+    monkeypatch.setattr(packed, "flex_kv_block", lambda head_dim: kv_block)
+    seed = torch.seed() % 2**31
+    requests = _items(random.Random(seed)) + _many_items(random.Random(seed), 30)
+    sd = random_state_dict(ARGS, seed)
+    model = Transformer(ARGS)
+    model.load_state_dict(sd)
+    # The runtime's RoPE layout (artifacts load so); CPU inductor's FlexAttention template cannot
+    # read a query that is a view of the interleaved rotation's 5-d result (torch 2.13).
+    model.eval().use_half_split_rope()
+    torch._dynamo.reset()
+    scorer = PackedScorer(model, "cpu", batch_tokens=256, compile=compile, layout="flat")
+    batches = scorer.prepare(requests)
+    assert batches.tokens.shape[0] > 1 and batches.tokens.shape[1] == 1  # several one-row batches
+    assert batches.block_mask[1].shape[-1] == batches.tokens.shape[-1] // kv_block
+    got = scorer.score(batches)
+    want = _reference(sd, requests)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5, err_msg=f"seed {seed}")
+
+
+def test_flex_key_blocks_are_a_multiple_of_the_kernel_tiles():
+    from runtime.packed import flex_kv_block
+
+    # 64 where it was measured (head 128); 128, a multiple of every tile width, for smaller heads,
+    # where FlexAttention's 16-bit kernel reads 128 keys at a time (64 failed for SmolLM2's head of 64).
+    assert flex_kv_block(128) == 64 and flex_kv_block(64) == flex_kv_block(32) == 128
+
+
+def test_flat_layout_refuses_a_row_length_off_the_block():
+    with pytest.raises(ValueError, match="multiple of 128"):
+        PackedScorer(None, "cpu", row_len=200, layout="flat")

@@ -15,6 +15,7 @@ import click
 
 from runtime.bench import PRECISIONS as BENCH_PRECISIONS
 from runtime.errors import HscError
+from runtime.packed import LAYOUTS
 from runtime.run import RunConfig
 from toolchain.resources import summary as resources_summary
 from toolchain.targets import TARGETS
@@ -126,12 +127,15 @@ def compile_cmd(source, target, precision, out_dir, tokenizer_path, tp, force, c
 @click.option("--compile/--no-compile", "compile_", default=RUN_DEFAULTS.compile,
               help="torch.compile + CUDA graphs [default: on for CUDA]")
 @click.option("--row-len", type=int, default=RUN_DEFAULTS.row_len,
-              help="packed row length [default: longest item, rounded up to 64]")
+              help="packed row length [default: from the data and --batch-tokens]")
+@click.option("--layout", type=click.Choice(LAYOUTS), default=RUN_DEFAULTS.layout,
+              help="packed batches: rows (trees in short rows, dense masks) or flat (one tree per batch, "
+                   "FlexAttention) [default: flat on CUDA with --compile, else rows]")
 @click.option("--nproc", type=int, default=None,
               help="run as N processes on this machine under torchrun (N = the plan's TP x DP; docs/distributed.md)")
 @click.option("--exclude-calibration", is_flag=True,
               help="quantized artifacts: leave out the items the compiler calibrated on (ids from the manifest)")
-def run_cmd(artifact, data, limit, output, bos, device, batch_tokens, engine, compile_, row_len, nproc,
+def run_cmd(artifact, data, limit, output, bos, device, batch_tokens, engine, compile_, row_len, layout, nproc,
             exclude_calibration):
     """Score HellaSwag with a compiled ARTIFACT; print acc and acc_norm with standard errors."""
     from runtime.run import run
@@ -147,7 +151,7 @@ def run_cmd(artifact, data, limit, output, bos, device, batch_tokens, engine, co
             return
 
     run(RunConfig(artifact, data, limit, output, bos, device, batch_tokens, engine, compile_, row_len,
-                  exclude_calibration),
+                  exclude_calibration, layout),
         _command_line(), echo=click.echo)
 
 
@@ -165,6 +169,8 @@ def run_cmd(artifact, data, limit, output, bos, device, batch_tokens, engine, co
 @click.option("--compile/--no-compile", "compile_", default=True, show_default=True)
 @click.option("--fast-accum", is_flag=True,
               help="fp8: torch._scaled_mm's fast accumulation (fewer accumulator bits, docs/quantization.md)")
+@click.option("--layout", type=click.Choice(LAYOUTS), default=None,
+              help="as for hsc run [default: flat with --compile, else rows]")
 @click.option("--block-regions/--no-block-regions", default=False, show_default=True,
               help="compile one transformer block and reuse it for every layer (warm-up flat in depth)")
 @click.option("--baseline", type=click.Choice(["none", "hf"]), default="none", show_default=True,
@@ -177,7 +183,7 @@ def run_cmd(artifact, data, limit, output, bos, device, batch_tokens, engine, co
 @click.option("--sustained-gemm-s", type=float, default=15.0, show_default=True,
               help="seconds of back-to-back products after scoring, for the GEMM rate a long run holds (0: skip)")
 @click.option("--output", type=click.Path(path_type=Path), default=None, help="write bench.json here")
-def bench_cmd(shape, precision, gpus, tp, layers, limit, batch_tokens, compile_, fast_accum, block_regions,
+def bench_cmd(shape, precision, gpus, tp, layers, limit, batch_tokens, compile_, fast_accum, layout, block_regions,
               baseline, baseline_items, data, tokenizer_path, sustained_gemm_s, output):
     """Time the runtime at a model shape with random weights on the GPU(s), over real HellaSwag tokens."""
     from runtime.bench import BenchConfig, run_bench
@@ -187,7 +193,7 @@ def bench_cmd(shape, precision, gpus, tp, layers, limit, batch_tokens, compile_,
     tok = Tokenizer("sentencepiece", _llama_tokenizer(tokenizer_path), None, None)
     items, _ = load_items(data)
     cfg = BenchConfig(shape=shape, precision=precision, gpus=gpus, tp=tp, layers=layers, limit=limit,
-                      batch_tokens=batch_tokens, compile=compile_, fast_accum=fast_accum,
+                      batch_tokens=batch_tokens, compile=compile_, fast_accum=fast_accum, layout=layout,
                       block_regions=block_regions, baseline=baseline, baseline_items=baseline_items,
                       sustained_gemm_s=sustained_gemm_s)
     result = run_bench(cfg, items, tok, echo=click.echo)
