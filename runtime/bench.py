@@ -207,7 +207,7 @@ class WorkerResult:
     warmup_s: float
     tokens: int  # real (non-padding) tokens this rank scored
     attended_keys: int  # keys those tokens attend to, summed (Batches.attended_keys)
-    layout: str
+    layout: str  # PackedScorer.layout: "rows" or "flat"
     peak_memory: int  # bytes, torch.cuda.max_memory_allocated during scoring
     batch_shape: list[int]  # [rows, row_len, targets]
     same_items_s: float | None  # rank 0 with --baseline-items: hsc on exactly the baseline's items
@@ -299,6 +299,9 @@ def run_bench(cfg: BenchConfig, items: list[Item], tokenizer, echo=print) -> dic
             scheme_for(cfg.precision, cfg.fast_accum)
         except ValueError as e:
             raise HscError(f"hsc bench {e}") from None
+    if cfg.layout == "flat" and not cfg.compile:
+        raise HscError("hsc bench --layout flat needs --compile: uncompiled FlexAttention materialises the whole "
+                       "[heads, T, T] score matrix of every 16k-token batch")
     if cfg.tp > 1 and cfg.baseline != "none":
         raise HscError("hsc bench --baseline runs on one GPU; time it without --tp")
     if not torch.cuda.is_available() or torch.cuda.device_count() < cfg.gpus:
@@ -328,7 +331,8 @@ def run_bench(cfg: BenchConfig, items: list[Item], tokenizer, echo=print) -> dic
     flops = model_flops(args, tokens, keys, n_targets)
     out = {
         "shape": cfg.shape, "layers": args.n_layers, "precision": cfg.precision, "gpus": cfg.gpus, "tp": cfg.tp,
-        "fast_accum": cfg.fast_accum, "layout": results[0].layout, "block_regions": cfg.block_regions, "items": len(items), "tokens": tokens,
+        "fast_accum": cfg.fast_accum, "layout": results[0].layout, "block_regions": cfg.block_regions,
+        "items": len(items), "tokens": tokens,
         "scoring_s": round(seconds, 3),
         "warmup_s": round(max(r.warmup_s for r in results), 1), "tokens_per_s": round(tokens / seconds),
         "batch_shape": results[0].batch_shape, "peak_gpu_memory_gb": round(max(r.peak_memory for r in results) / 1e9, 2),

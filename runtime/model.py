@@ -208,8 +208,9 @@ class Transformer(nn.Module):
                 attn_mask: torch.Tensor | None = None, block_regions: bool = False) -> torch.Tensor:
         """Final-norm hidden states [B, T, dim] (the LM head is applied by the scorer, only
         where a log-prob is needed). tokens/positions: [B, T]; attn_mask: bool [B, 1, T, T]
-        (True = may attend), a FlexAttention BlockMask, or None for plain causal attention. block_regions: under torch.compile,
-        compile one block and reuse it for every layer (TransformerBlock.forward_region)."""
+        (True = may attend), a FlexAttention BlockMask, or None for plain causal attention.
+        block_regions: under torch.compile, compile one block and reuse it for every layer
+        (TransformerBlock.forward_region)."""
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]

@@ -468,6 +468,7 @@ class PackedScorer:
         for name in ("tokens", "positions", "subtree_end", "target_index", "target_ids"):
             setattr(batches, name, getattr(batches, name).to(self.device))
         if self.layout == "flat":
+            # without a model (packing only, as the profiling scripts size batches): LLaMA-30B's heads
             head_dim = self.model.args.head_dim if self.model is not None else 128
             batches.block_mask = tree_block_mask(batches.subtree_end, flex_kv_block(head_dim))
         return batches

@@ -53,6 +53,7 @@ def test_random_model_tp_slice_has_the_rank_shapes():
     (["--gpus", "2", "--tp", "4"], "--tp 4: must divide --gpus 2"),
     (["--gpus", "4", "--tp", "4", "--baseline", "hf"], "--baseline runs on one GPU"),
     (["--precision", "int8", "--fast-accum"], "hsc bench --fast-accum: an option of fp8's products, not of precision int8"),
+    (["--layout", "flat", "--no-compile"], "hsc bench --layout flat needs --compile"),
 ])
 def test_bench_refusals(hsc, shared_data, argv, message):
     code, _, err = hsc("bench", "--shape", "llama-30b", *argv)
