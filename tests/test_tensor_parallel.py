@@ -121,11 +121,12 @@ def _rank_main(local_rank: int, world: int, port: int, cfg: RunConfig, status_di
     (status_dir / f"rank{local_rank}").write_text(status)
 
 
-def run_ranks(world: int, artifact: Path, data: Path, out: Path, limit: int = N_ITEMS) -> list[str]:
-    """Run `artifact` as `world` CPU ranks (gloo); each rank's status: "ok" or "error: ...". """
+def run_ranks(world: int, artifact: Path, data: Path, out: Path, limit: int = N_ITEMS, **options) -> list[str]:
+    """Run `artifact` as `world` CPU ranks (gloo); each rank's status: "ok" or "error: ...".
+    options: more RunConfig fields."""
     status_dir = out.with_name(out.name + "-status")
     status_dir.mkdir(parents=True)
-    cfg = RunConfig(artifact, str(data), limit, out, device="cpu", batch_tokens=BATCH_TOKENS)
+    cfg = RunConfig(artifact, str(data), limit, out, device="cpu", batch_tokens=BATCH_TOKENS, **options)
     mp.start_processes(_rank_main, args=(world, _free_port(), cfg, status_dir), nprocs=world,
                        join=True, start_method="fork")
     return [(status_dir / f"rank{r}").read_text() for r in range(world)]
@@ -178,6 +179,15 @@ def test_parallel_run_matches_one_process(built, tmp_path, model, build, world):
     m = load_manifest(art).mapping
     assert (results["world_size"], results["tp"], results["dp"], results["backend"]) == (world, m.tp, m.dp, "gloo")
     assert results["n"] == N_ITEMS and results["tokens_forwarded"] > 0
+
+
+def test_parallel_flat_layout_matches_one_process(built, tmp_path):
+    """The flat layout (CUDA's default: one tree per batch, FlexAttention), compiled, with its
+    all-reduces inside the compiled step: TP=2 x DP=2 equals the one-process run (rows layout)."""
+    out = tmp_path / "res"
+    assert run_ranks(4, built.arts["gqa"]["tp2dp2"], built.data, out, layout="flat", compile=True) == ["ok"] * 4
+    assert json.loads((out / "results.json").read_text())["layout"] == "flat"
+    assert_same_samples(read_samples(out), built.ref["gqa"])
 
 
 def test_nproc_relaunches_under_torchrun(built, tmp_path):
