@@ -169,10 +169,14 @@ def test_tree_block_mask_is_the_dense_mask_in_blocks(q_block, kv_block):
     the dense tree mask; blocks listed as fully read exactly those with all; padding included."""
     from runtime.packed import flat_segments, tree_block_mask
 
-    requests = _many_items(random.Random(4), 60)
+    rng = random.Random(4)
+    # one long context: its early key blocks are read in full by the query blocks after them
+    long = tuple(rng.randrange(1, ARGS.vocab_size) for _ in range(300))
+    requests = _many_items(rng, 60) + [Request(60, j, long, (j + 1, j + 2), False) for j in range(4)]
     segments, T = flat_segments(requests, batch_tokens=512)
     b = pack(segments, T, 1, rows=[[i] for i in range(len(segments))])
     parts = tree_block_mask(b.subtree_end, kv_block, q_block)
+    assert parts[0].sum() > 0 and parts[2].sum() > 0  # blocks read in part and in full
     nq, nk = T // q_block, T // kv_block
     for n in range(b.subtree_end.shape[0]):
         dense = attention_mask(b.subtree_end[n])[0, 0].view(nq, q_block, nk, kv_block).transpose(1, 2)
@@ -183,6 +187,20 @@ def test_tree_block_mask_is_the_dense_mask_in_blocks(q_block, kv_block):
                 got[q, idx[n, 0, 0, q, :num[n, 0, 0, q]].long()] = True
             assert torch.equal(got, want)
             assert (num[n, 0, 0] == want.sum(-1)).all()
+
+
+def test_tree_block_mask_full_up_to_the_last_token():
+    """A tree of exactly one row: every context key's subtree ends at the row's end, so the key
+    blocks before the last query block are read in full by it (the boundary of `cover`)."""
+    from runtime.packed import flat_segments, tree_block_mask
+
+    context = tuple(range(1, 251))
+    segments, T = flat_segments([Request(0, j, context, (7,) * 7, False) for j in range(4)], batch_tokens=256)
+    assert T == 256 and len(segments[0].tokens) == 256
+    b = pack(segments, T, 1, rows=[[0]])
+    kv_num, kv_idx, full_num, full_idx = (t[0, 0, 0] for t in tree_block_mask(b.subtree_end, 64, 128))
+    assert full_num.tolist() == [0, 2] and sorted(full_idx[1, :2].tolist()) == [0, 1]
+    assert kv_num.tolist() == [2, 2]  # the diagonal blocks: causal, read in part
 
 
 @pytest.mark.parametrize("kv_block", [64, 128])
