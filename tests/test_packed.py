@@ -107,19 +107,21 @@ def test_packed_matches_float64_reference(share, monkeypatch):
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5, err_msg=f"seed {seed}")
 
 
+@pytest.mark.parametrize("layout", ["rows", "flat"])
 @pytest.mark.parametrize("scheme", [None, "int8"])
-def test_block_regions_compile_gives_the_same_scores(scheme):
+def test_block_regions_compile_gives_the_same_scores(scheme, layout):
     """One compiled block stamped out for every layer (--block-regions) scores exactly as the model
-    compiled as one graph, float and quantized (CPU inductor)."""
+    compiled as one graph, float and quantized, in both layouts (CPU inductor)."""
     from runtime.bench import random_model
 
     seed = torch.seed() % 2**31
-    requests = _items(random.Random(seed))
+    requests = _items(random.Random(seed)) + (_many_items(random.Random(seed), 20) if layout == "flat" else [])
     model = random_model(ARGS, torch.float32, "cpu", seed=seed, scheme=scheme)
+    shape = dict(row_len=64, rows_per_batch=2) if layout == "rows" else dict(batch_tokens=256)
     scores = []
     for regions in (False, True):
         torch._dynamo.reset()
-        scorer = PackedScorer(model, "cpu", row_len=64, rows_per_batch=2, compile=True, block_regions=regions)
+        scorer = PackedScorer(model, "cpu", compile=True, block_regions=regions, layout=layout, **shape)
         scores.append(scorer.score(scorer.prepare(requests)))
     np.testing.assert_allclose(scores[1], scores[0], atol=1e-5, rtol=0, err_msg=f"seed {seed}")
     if scheme is None:  # and both are the float64 reference's
