@@ -19,7 +19,7 @@ from runtime.config import ModelArgs
 from runtime.errors import HscError
 from runtime.hellaswag import Item
 from runtime.model import Transformer, rope_tables
-from runtime.packed import PackedScorer
+from runtime.packed import FLAT_NEEDS_COMPILE, PackedScorer
 from runtime.quant import QuantScheme, scheme_for, swap_linears
 from runtime.scoring import Request, build_requests
 
@@ -300,8 +300,7 @@ def run_bench(cfg: BenchConfig, items: list[Item], tokenizer, echo=print) -> dic
         except ValueError as e:
             raise HscError(f"hsc bench {e}") from None
     if cfg.layout == "flat" and not cfg.compile:
-        raise HscError("hsc bench --layout flat needs --compile: uncompiled FlexAttention materialises the whole "
-                       "[heads, T, T] score matrix of every 16k-token batch")
+        raise HscError(f"hsc bench {FLAT_NEEDS_COMPILE}")
     if cfg.tp > 1 and cfg.baseline != "none":
         raise HscError("hsc bench --baseline runs on one GPU; time it without --tp")
     if not torch.cuda.is_available() or torch.cuda.device_count() < cfg.gpus:

@@ -141,20 +141,10 @@ def make_segments(requests: list[Request], share_prefixes: bool = True) -> list[
     alone = [tree_segment(g) for g in items]
     if not share_prefixes:
         return alone
-    solo = [len(s.tokens) for s in alone]
     order, shared = _context_order(items)
-    segments, members, bound = [], [], 0
-    for i, common in zip(order, shared):
-        if members:
-            if common >= MIN_SHARED and bound + solo[i] - common <= MAX_SHARED_SEGMENT:
-                members.append(i)
-                bound += solo[i] - common  # an upper bound of the merged tree's size
-                continue
-            segments.append(_merged(members, items, alone))
-        members, bound = [i], solo[i]
-    if members:
-        segments.append(_merged(members, items, alone))
-    return segments
+    sizes = [len(alone[i].tokens) for i in order]
+    runs = _sorted_runs(sizes, shared, MAX_SHARED_SEGMENT, min_shared=MIN_SHARED)
+    return [_merged([order[k] for k in run], items, alone) for run in runs]
 
 
 def _merged(members: list[int], items: list[list[tuple[int, Request]]], alone: list[Segment]) -> Segment:
@@ -245,20 +235,22 @@ def flex_kv_block(head_dim: int) -> int:
     return 64 if head_dim >= 128 else 128
 
 
-def _flat_groups(sizes: list[int], shared: list[int], row_len: int) -> list[list[int]]:
-    """Next-fit over items in context order (positions in that order): an item joins the current
-    tree at its own tree's size minus the tokens it shares with its predecessor (an upper bound of
-    what it adds), else starts the next tree, where it pays its whole size again."""
-    groups: list[list[int]] = []
+def _sorted_runs(sizes: list[int], shared: list[int], limit: int, min_shared: int = 0) -> list[list[int]]:
+    """Next-fit over items in context order (positions in that order; sizes of their own trees,
+    shared tokens with the predecessor from _context_order): an item joins the current tree if it
+    shares at least min_shared tokens with its predecessor and the tree stays within `limit` at the
+    item's size minus those tokens (an upper bound of what it adds); else it starts the next tree,
+    where it pays its whole size again."""
+    runs: list[list[int]] = []
     used = 0
     for k, (size, common) in enumerate(zip(sizes, shared)):
-        if groups and used + size - common <= row_len:
-            groups[-1].append(k)
+        if runs and common >= min_shared and used + size - common <= limit:
+            runs[-1].append(k)
             used += size - common
         else:
-            groups.append([k])
+            runs.append([k])
             used = size
-    return groups
+    return runs
 
 
 # Flat rows are a multiple of 256 tokens: cuBLAS then picks its 256-row tile kernels for the linears,
@@ -276,7 +268,7 @@ def choose_flat_len(sizes: list[int], shared: list[int], batch_tokens: int) -> i
     longest = step * math.ceil(max(sizes) / step)
     best, best_slots = None, None
     for row_len in range(longest, max(longest, batch_tokens // step * step) + 1, step):
-        n = len(_flat_groups(sizes, shared, row_len))
+        n = len(_sorted_runs(sizes, shared, row_len))
         if (2 * row_len >= batch_tokens or n == 1) and (best is None or n * row_len <= best_slots):
             best, best_slots = row_len, n * row_len
     return best if best is not None else longest
@@ -292,7 +284,7 @@ def flat_segments(requests: list[Request], batch_tokens: int, row_len: int | Non
         row_len = choose_flat_len(sizes, shared, batch_tokens)
     if max(sizes) > row_len:
         raise ValueError(f"an item needs {max(sizes)} tokens, more than the row length {row_len}")
-    groups = _flat_groups(sizes, shared, row_len)
+    groups = _sorted_runs(sizes, shared, row_len)
     return [tree_segment([x for k in g for x in items[order[k]]]) for g in groups], row_len
 
 
@@ -415,6 +407,10 @@ def packed_step(model, tokens, positions, subtree_end, target_index, target_ids,
 
 
 LAYOUTS = ("rows", "flat")
+# Why hsc run and hsc bench refuse --layout flat without --compile (PackedScorer itself runs it eagerly
+# on the small batches of the tests).
+FLAT_NEEDS_COMPILE = ("--layout flat needs --compile: uncompiled FlexAttention materialises the whole "
+                      "[heads, T, T] score matrix of every 16k-token batch")
 
 
 def default_layout(device, compile: bool) -> str:

@@ -15,7 +15,7 @@ from runtime import distributed
 from runtime.artifact import load_manifest, load_tokenizer, manifest_sha256
 from runtime.errors import HscError
 from runtime.hellaswag import load_items
-from runtime.packed import PackedScorer
+from runtime.packed import FLAT_NEEDS_COMPILE, PackedScorer
 from runtime.scoring import build_requests, compute_scores, predictions, request_tokens, score_reference
 
 
@@ -58,8 +58,7 @@ def make_engine(model, cfg: RunConfig, device):
         raise HscError(f"--engine {cfg.engine}: choose packed or reference")
     compile = device.type == "cuda" if cfg.compile is None else cfg.compile
     if cfg.layout == "flat" and not compile:
-        raise HscError("--layout flat needs --compile: uncompiled FlexAttention materialises the whole "
-                       "[heads, T, T] score matrix of every 16k-token batch")
+        raise HscError(FLAT_NEEDS_COMPILE)
     try:
         return PackedScorer(model, device, cfg.row_len, cfg.batch_tokens, compile=compile, layout=cfg.layout)
     except ValueError as e:  # a row length the layout cannot use
