@@ -17,9 +17,12 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 @pytest.fixture(autouse=True)
-def restore_tf32():
-    """Tests here switch TF32 on or off as hsc run would; none may leave it to the next."""
+def fresh_compile_state():
+    """Tests here switch TF32 on or off as hsc run would; none may leave it to the next. Each test
+    compiles its own model, as one hsc run does once: without a reset, the ninth model's step in one
+    process exceeds dynamo's recompile limit (8), which fullgraph=True turns into a failure."""
     saved = torch.backends.cuda.matmul.allow_tf32
+    torch._dynamo.reset()
     yield
     torch.backends.cuda.matmul.allow_tf32 = saved
 
