@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.nn.attention.flex_attention import BlockMask
 
 from runtime.scoring import Request
 
@@ -319,8 +320,6 @@ def tree_block_mask(subtree_end: torch.Tensor, kv_block: int, q_block: int = FLE
 def flex_block_mask(subtree_end: torch.Tensor, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices):
     """The BlockMask of one batch (subtree_end [B, T]) from its tree_block_mask parts; the partly
     read blocks evaluate the element mask j <= i < subtree_end[j]. Cheap: it only wraps the parts."""
-    from torch.nn.attention.flex_attention import BlockMask
-
     T = subtree_end.shape[-1]
     q_block, kv_block = T // kv_num_blocks.shape[-1], T // kv_indices.shape[-1]  # as tree_block_mask made them
 
