@@ -13,9 +13,10 @@ whole set; all packing, masks and gather indices are prepared before the timed l
   tokens, rows into batches of `rows_per_batch` (1.83 M tokens); attention is SDPA with a dense mask
   built on the device from one small per-token tensor (where each token's subtree ends). Runs on
   every backend, compiled or not.
-- flat (CUDA, compiled): one row per batch, all of it one tree of a run of context-sorted items, so
-  prefixes shared by many items are computed once per batch (1.76 M tokens); attention is
-  FlexAttention with a block-sparse mask derived from the same tensor. docs/design.md has the numbers.
+- flat (CUDA, compiled): each row is one tree of up to 8,064 tokens, built from a run of
+  context-sorted items, so prefixes shared by many items are computed once per tree (1.76 M tokens);
+  two rows to a batch. The trees do not depend on the batch size, so neither do the scores; attention
+  is FlexAttention with a block-sparse mask derived from the same tensor. docs/design.md has the numbers.
 """
 
 from __future__ import annotations
@@ -215,17 +216,31 @@ def _first_fit(lengths: list[int], row_len: int) -> list[list[int]]:
     return rows
 
 
-# The flat layout (CUDA, compiled): a batch is one row of T tokens, and all of it is one tree, built
-# from a run of items sorted by context. A prefix that many items share (the BOS token, an activity
-# label and the words after it, a repeated context) is then computed once per batch instead of once
-# per short row: on HellaSwag's validation set with LLaMA's tokenizer, 1.758 M tokens in 110 batches
-# of 16,128 instead of 1.834 M in 114 of [36 x 448]. A dense mask over 16k tokens would be 16k x 16k,
-# so this layout runs FlexAttention with a block-sparse mask derived from the tree (tree_block_mask):
-# queries in blocks of FLEX_Q_BLOCK tokens, keys in blocks of flex_kv_block(head_dim). A far ancestor
-# (the shared BOS, an activity label) makes its whole key block read by every query block below it,
-# so smaller key blocks waste less: on the full set's batches 128-key blocks read 1.33x the elements
-# of [36 x 448] dense rows, 64-key blocks 0.90x.
+# The flat layout (CUDA, compiled): each row is one tree of a run of items sorted by context, up to
+# FLAT_TREE_TOKENS long. A prefix that many items share (the BOS token, an activity label and the words
+# after it, a repeated context) is then computed once per tree instead of once per short row: on
+# HellaSwag's validation set with LLaMA's tokenizer, 1.759 M tokens in 220 trees, 110 batches of
+# [2 x 8,064], instead of 1.834 M in 114 batches of [36 x 448]. A dense mask over an 8k-token row would
+# be 8k x 8k per row, so this layout runs FlexAttention with a block-sparse mask derived from the tree
+# (tree_block_mask): queries in blocks of FLEX_Q_BLOCK tokens, keys in blocks of flex_kv_block(head_dim).
+# A far ancestor (the shared BOS, an activity label) makes its whole key block read by every query
+# block below it, so smaller key blocks waste less: on the full set's batches 128-key blocks read 1.33x
+# the elements of [36 x 448] dense rows, 64-key blocks 0.90x.
 FLEX_Q_BLOCK = 128
+
+# The trees are cut from the data alone, never from the batch size: --batch-tokens only decides how
+# many rows (trees) a batch holds. Each tree then sits at offset 0 of its row at every batch size, so
+# FlexAttention splits every token's keys into the same blocks and sums them in the same order, and
+# bf16 scores do not move with the budget. (Trees cut to the budget, one per 16k-token row, agreed on
+# 99.41% of SmolLM2's bf16 acc_norm predictions between 16,384 and 8,192 tokens: docs/design.md.)
+# 8,064 = 63 x 128 query blocks: one tree fills an 8,192-token budget, two a 16,384 one, and a batch of
+# two is 16,128 = 63 x 256 rows for the linears, where cuBLAS picks its 256-row tiles (4.6% faster per
+# token at LLaMA-30B shapes than the 192-row tiles it picked at 16,256; docs/benchmarks.md).
+FLAT_TREE_TOKENS = 8064
+# How many of the next items in context order may fill the tail of a tree that the next one does not fit
+# (the filler pays its whole size: it shares only what every item shares). On the full set (LLaMA's
+# tokenizer) next-fit alone cut 222 trees (111 batches of two), filling from the next 64 cut 220.
+FILL_LOOKAHEAD = 64
 
 
 def flex_kv_block(head_dim: int) -> int:
@@ -254,39 +269,71 @@ def _sorted_runs(sizes: list[int], shared: list[int], limit: int, min_shared: in
     return runs
 
 
-# Flat rows are a multiple of 256 tokens: cuBLAS then picks its 256-row tile kernels for the linears,
-# which ran 4.6% faster per token at M = 16,128 than the 192-row tiles it picked at M = 16,256 (H200,
-# LLaMA-30B shapes, docs/benchmarks.md).
-FLAT_ROW_MULTIPLE = 256
+def _filled_runs(sizes: list[int], shared: list[int], limit: int, lookahead: int = FILL_LOOKAHEAD
+                 ) -> list[list[int]]:
+    """_sorted_runs's next-fit (min_shared 0), and then the room a tree has left is filled with the
+    largest of the next `lookahead` items that fit there at their whole size, as long as one does. An
+    item taken out of order leaves its neighbours adjacent: sorted, they share the shorter of the two
+    prefixes they shared with it."""
+    n = len(sizes)
+    later, earlier = list(range(1, n + 1)), list(range(-1, n - 1))  # the unplaced items, a linked list
+    common = list(shared)  # tokens shared with the unplaced item before it
+    runs: list[list[int]] = []
+    head = 0
 
+    def take(k: int) -> None:
+        nonlocal head
+        before, after = earlier[k], later[k]
+        if after < n:
+            earlier[after] = before
+            if k != head:  # a filler: its successor now follows its predecessor
+                common[after] = min(common[after], common[k])
+        if before >= 0:
+            later[before] = after
+        if k == head:
+            head = after
 
-def choose_flat_len(sizes: list[int], shared: list[int], batch_tokens: int) -> int:
-    """The row length (a multiple of FLAT_ROW_MULTIPLE, at most batch_tokens unless the longest
-    item needs more) that needs the fewest token slots in all, batches x row length; rows shorter
-    than half of batch_tokens only when everything fits one batch (short rows run the linears at
-    lower rates). Ties go to the longer row: fewer batches."""
-    step = FLAT_ROW_MULTIPLE
-    longest = step * math.ceil(max(sizes) / step)
-    best, best_slots = None, None
-    for row_len in range(longest, max(longest, batch_tokens // step * step) + 1, step):
-        n = len(_sorted_runs(sizes, shared, row_len))
-        if (2 * row_len >= batch_tokens or n == 1) and (best is None or n * row_len <= best_slots):
-            best, best_slots = row_len, n * row_len
-    return best if best is not None else longest
+    while head < n:
+        run, used = [head], sizes[head]
+        take(head)
+        while head < n and used + sizes[head] - common[head] <= limit:
+            run.append(head)
+            used += sizes[head] - common[head]
+            take(head)
+        while True:
+            best, k = None, head
+            for _ in range(lookahead):
+                if k >= n:
+                    break
+                if sizes[k] <= limit - used and (best is None or sizes[k] > sizes[best]):
+                    best = k
+                k = later[k]
+            if best is None:
+                break
+            run.append(best)
+            used += sizes[best]
+            take(best)
+        runs.append(run)
+    return runs
 
 
 def flat_segments(requests: list[Request], batch_tokens: int, row_len: int | None = None
                   ) -> tuple[list[Segment], int]:
-    """One tree per batch, and the row length (row_len, or chosen from batch_tokens)."""
+    """One tree per row: runs of context-sorted items (_filled_runs), and the row length: row_len, or
+    FLAT_TREE_TOKENS in whole query blocks, less where all items fit one shorter tree (then every
+    budget cuts that tree) or where the budget is smaller (at least the longest item; then the trees,
+    and bf16 scores, differ from larger budgets')."""
     items = _items_of(requests)
     order, shared = _context_order(items)
     sizes = [len(tree_segment(items[i]).tokens) for i in order]
     if row_len is None:
-        row_len = choose_flat_len(sizes, shared, batch_tokens)
+        whole = sum(sizes) - sum(shared[1:])  # all items in one tree, at most
+        blocks = min(min(FLAT_TREE_TOKENS, batch_tokens) // FLEX_Q_BLOCK, math.ceil(whole / FLEX_Q_BLOCK))
+        row_len = FLEX_Q_BLOCK * max(blocks, math.ceil(max(sizes) / FLEX_Q_BLOCK))
     if max(sizes) > row_len:
         raise ValueError(f"an item needs {max(sizes)} tokens, more than the row length {row_len}")
-    groups = _sorted_runs(sizes, shared, row_len)
-    return [tree_segment([x for k in g for x in items[order[k]]]) for g in groups], row_len
+    runs = _filled_runs(sizes, shared, row_len)
+    return [tree_segment([x for k in run for x in items[order[k]]]) for run in runs], row_len
 
 
 def tree_block_mask(subtree_end: torch.Tensor, kv_block: int, q_block: int = FLEX_Q_BLOCK
@@ -423,9 +470,9 @@ class PackedScorer:
     def __init__(self, model, device, row_len: int | None = None, batch_tokens: int = 16384,
                  rows_per_batch: int | None = None, compile: bool = False, block_regions: bool = False,
                  layout: str | None = None):
-        """row_len None: from the data; rows_per_batch None: batch_tokens // row_len (rows layout;
-        the flat layout has one row per batch). layout: "rows" (trees first-fit into short rows,
-        dense SDPA masks) or "flat" (one tree per batch, FlexAttention); None: default_layout.
+        """row_len None: from the data and batch_tokens (choose_row_len; flat_segments);
+        rows_per_batch None: batch_tokens // row_len. layout: "rows" (trees first-fit into short rows,
+        dense SDPA masks) or "flat" (one long tree per row, FlexAttention); None: default_layout.
         block_regions (with compile): compile one transformer block and reuse it for every layer."""
         self.model, self.device = model, torch.device(device)
         self.layout = layout or default_layout(self.device, compile)
@@ -447,17 +494,15 @@ class PackedScorer:
         n_targets = like.target_index.shape[1] if like is not None else None
         if self.layout == "flat":
             segments, self.row_len = flat_segments(requests, self.batch_tokens, self.row_len)
-            self.rows_per_batch = 1
             rows = [[i] for i in range(len(segments))]
         else:
             segments = make_segments(requests)
             if self.row_len is None:
                 self.row_len = choose_row_len(segments, self.batch_tokens)
             rows = _first_fit([len(s.tokens) for s in segments], self.row_len)
-            if self.rows_per_batch is None:
-                self.rows_per_batch = max(1, self.batch_tokens // self.row_len)
-                if not self.compiled:  # eager: no graph to reuse, so do not pad a short run to a full batch
-                    self.rows_per_batch = min(self.rows_per_batch, len(rows))
+        if self.rows_per_batch is None:
+            # Fewer rows than a batch holds make one batch: no graph to reuse, so no padding rows.
+            self.rows_per_batch = min(max(1, self.batch_tokens // self.row_len), len(rows))
         batches = pack(segments, self.row_len, self.rows_per_batch, n_targets=n_targets, rows=rows)
         self.n_requests = len(requests)
         for name in ("tokens", "positions", "subtree_end", "target_index", "target_ids"):

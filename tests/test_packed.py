@@ -165,6 +165,68 @@ def test_flat_batches_hold_every_target_once_and_fewer_tokens():
     assert sum(len(s.tokens) for s in segments) < sum(len(s.tokens) for s in make_segments(requests))
 
 
+def _run_tree_sizes(requests, runs_of_items) -> list[int]:
+    from runtime.packed import _items_of
+
+    items = _items_of(requests)
+    return [len(tree_segment([x for i in run for x in items[i]]).tokens) for run in runs_of_items]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_filled_runs_place_every_item_once_within_the_limit(seed):
+    """Next-fit in context order, then each tree's tail filled from the next items: every item in
+    exactly one tree, no tree past the limit (the bound counts a filler whole, and an item taken out of
+    order leaves its neighbours sharing the shorter prefix), and never more trees than next-fit."""
+    from runtime.packed import _context_order, _filled_runs, _items_of, _sorted_runs
+
+    requests = _many_items(random.Random(seed), 120)
+    items = _items_of(requests)
+    order, shared = _context_order(items)
+    sizes = [len(tree_segment(items[i]).tokens) for i in order]
+    for limit in (max(sizes), 96, 160, 400):
+        if limit < max(sizes):
+            continue
+        runs = _filled_runs(sizes, shared, limit)
+        assert sorted(k for run in runs for k in run) == list(range(len(sizes)))
+        assert max(_run_tree_sizes(requests, [[order[k] for k in run] for run in runs])) <= limit
+        assert len(runs) <= len(_sorted_runs(sizes, shared, limit))
+    # A short item further on fills the room the next one in order does not fit, if it is in sight;
+    # the largest that fits does.
+    assert _filled_runs([6, 6, 5, 3], [0, 0, 0, 0], limit=10, lookahead=2) == [[0], [1, 3], [2]]
+    assert _filled_runs([6, 6, 5, 3], [0, 0, 0, 0], limit=10, lookahead=3) == [[0, 3], [1], [2]]
+    assert _filled_runs([6, 6, 3, 4], [0, 0, 0, 0], limit=10, lookahead=3) == [[0, 3], [1, 2]]
+    # Item 2, taken out, shared 2 tokens with item 1 and 5 with item 3: so 1 and 3 share 2.
+    assert _filled_runs([6, 6, 3, 6], [0, 0, 2, 5], limit=9, lookahead=3) == [[0, 2], [1], [3]]
+
+
+def test_flat_trees_do_not_depend_on_the_batch_size(monkeypatch):
+    """The flat layout's trees are cut at FLAT_TREE_TOKENS whatever --batch-tokens is, so every tree
+    sits at the start of its own row at every budget: the rows of a larger budget are the smaller
+    one's, only grouped several to a batch."""
+    import runtime.packed as packed
+
+    monkeypatch.setattr(packed, "FLAT_TREE_TOKENS", 256)
+    requests = _items(random.Random(5)) + _many_items(random.Random(5), 60)
+    rows = {}
+    for budget in (256, 512, 1024, 1100):
+        b = PackedScorer(None, "cpu", batch_tokens=budget, compile=True, layout="flat").prepare(requests)
+        assert b.tokens.shape[1:] == (budget // 256, 256)
+        real = b.slot.flatten(0, 1).ne(-1).any(-1)  # a short last batch is padded with empty rows
+        rows[budget] = [t.flatten(0, 1)[real] for t in (b.tokens, b.positions, b.subtree_end)]
+    assert len(rows[256][0]) > 2
+    for budget in (512, 1024, 1100):
+        for got, want in zip(rows[budget], rows[256]):
+            assert torch.equal(got, want)
+    # A budget below the tree length cuts smaller trees (at least the longest item).
+    b = PackedScorer(None, "cpu", batch_tokens=128, compile=True, layout="flat").prepare(requests)
+    assert b.tokens.shape[1:] == (1, 128)
+    # Items that fit one shorter tree make one row of whole query blocks, at every budget.
+    few = requests[:12]
+    for budget in (512, 16384):
+        b = PackedScorer(None, "cpu", batch_tokens=budget, compile=True, layout="flat").prepare(few)
+        assert b.tokens.shape == (1, 1, 128) and b.real_tokens[0] > 32
+
+
 @pytest.mark.parametrize("q_block,kv_block", [(128, 64), (128, 128), (64, 16)])
 def test_tree_block_mask_is_the_dense_mask_in_blocks(q_block, kv_block):
     """Blocks listed as partly read are exactly those with some but not all elements allowed by
@@ -220,9 +282,9 @@ def test_flat_layout_matches_float64_reference(compile, kv_block, monkeypatch):
     # read a query that is a view of the interleaved rotation's 5-d result (torch 2.13).
     model.eval().use_half_split_rope()
     torch._dynamo.reset()
-    scorer = PackedScorer(model, "cpu", batch_tokens=256, compile=compile, layout="flat")
+    scorer = PackedScorer(model, "cpu", row_len=128, batch_tokens=256, compile=compile, layout="flat")
     batches = scorer.prepare(requests)
-    assert batches.tokens.shape[0] > 1 and batches.tokens.shape[1] == 1  # several one-row batches
+    assert batches.tokens.shape[0] > 1 and batches.tokens.shape[1] == 2  # batches of two trees (rows)
     assert batches.block_mask[1].shape[-1] == batches.tokens.shape[-1] // kv_block
     got = scorer.score(batches)
     want = _reference(sd, requests)
