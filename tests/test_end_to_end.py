@@ -42,7 +42,7 @@ def test_meta_checkpoint_end_to_end(tmp_path, hsc, shared_data, n_shards, n_head
     code, out, err = hsc("compile", tmp_path / "ckpt", "--target", "cpu", "--precision", "fp32", "-o", art)
     assert code == 0, err
     assert "plan:" in out and (art / "rank0.safetensors").is_file() and (art / "tokenizer.model").is_file()
-    # flat: the CUDA default layout (one tree per batch, FlexAttention), here compiled on the CPU
+    # flat: the CUDA default layout (one long tree per row, FlexAttention), here compiled on the CPU
     options = ("--engine", "packed", "--layout", "flat", "--compile") if engine == "flat" else ("--engine", engine)
     code, out, err = hsc("run", art, "--data", shared_data, "--limit", N_ITEMS, "--output", tmp_path / "res", *options)
     assert code == 0, err

@@ -138,7 +138,7 @@ def test_single_request_tree_is_its_sequence():
     assert seg.target_offsets.tolist() == [2, 3] and seg.target_ids.tolist() == [8, 9]
 
 
-# The flat layout: one tree per batch, FlexAttention with a block mask derived from the tree.
+# The flat layout: one long tree per row, FlexAttention with a block mask derived from the tree.
 
 def _many_items(rng: random.Random, n: int) -> list[Request]:
     """n items in a few families sharing context prefixes of several lengths (as HellaSwag's

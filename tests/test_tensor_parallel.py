@@ -182,7 +182,7 @@ def test_parallel_run_matches_one_process(built, tmp_path, model, build, world):
 
 
 def test_parallel_flat_layout_matches_one_process(built, tmp_path):
-    """The flat layout (CUDA's default: one tree per batch, FlexAttention), compiled, with its
+    """The flat layout (CUDA's default: one long tree per row, FlexAttention), compiled, with its
     all-reduces inside the compiled step: TP=2 x DP=2 equals the one-process run (rows layout)."""
     out = tmp_path / "res"
     assert run_ranks(4, built.arts["gqa"]["tp2dp2"], built.data, out, layout="flat", compile=True) == ["ok"] * 4

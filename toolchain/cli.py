@@ -127,9 +127,10 @@ def compile_cmd(source, target, precision, out_dir, tokenizer_path, tp, force, c
 @click.option("--compile/--no-compile", "compile_", default=RUN_DEFAULTS.compile,
               help="torch.compile + CUDA graphs [default: on for CUDA]")
 @click.option("--row-len", type=int, default=RUN_DEFAULTS.row_len,
-              help="packed row length [default: from the data and --batch-tokens]")
+              help="packed row length; flat: the longest tree, a multiple of 128 [default: rows, from the data "
+                   "and --batch-tokens; flat, 8064 or less]")
 @click.option("--layout", type=click.Choice(LAYOUTS), default=RUN_DEFAULTS.layout,
-              help="packed batches: rows (trees in short rows, dense masks) or flat (one tree per batch, "
+              help="packed batches: rows (trees in short rows, dense masks) or flat (one long tree per row, "
                    "FlexAttention) [default: flat on CUDA with --compile, else rows]")
 @click.option("--nproc", type=int, default=None,
               help="run as N processes on this machine under torchrun (N = the plan's TP x DP; docs/distributed.md)")
