@@ -209,7 +209,7 @@ class WorkerResult:
     attended_keys: int  # keys those tokens attend to, summed (Batches.attended_keys)
     layout: str  # PackedScorer.layout: "rows" or "flat"
     peak_memory: int  # bytes, torch.cuda.max_memory_allocated during scoring
-    batch_shape: list[int]  # [rows, row_len, targets]
+    batch_shape: list[int] | None  # [rows, row_len, targets]; None: an idle replica (no row)
     same_items_s: float | None  # rank 0 with --baseline-items: hsc on exactly the baseline's items
     sustained_gemm: float | None  # rank 0: sustained_gemm_rate right after scoring, the GPU still hot
 
@@ -245,22 +245,23 @@ def _worker(rank: int, cfg: BenchConfig, requests: list[Request], args: ModelArg
     torch.backends.cuda.matmul.allow_tf32 = dtype != torch.float32
     scheme = scheme_for(cfg.precision, cfg.fast_accum) if cfg.precision in QUANTIZED else None
     model = random_model(args, dtype, device, seed=rank, scheme=scheme, tp=cfg.tp, tp_group=group)
-    # Data parallel: whole items (4 requests each) dealt round-robin to the replicas; the ranks of one
-    # replica pack the same items, so their batches (and compiled shapes) are identical.
-    replica = rank // cfg.tp
-    mine = [r for k in range(replica, len(requests) // 4, replicas) for r in requests[4 * k: 4 * k + 4]]
+    # Data parallel, as hsc run: every replica-th row of the whole set's packing; the ranks of one
+    # replica pack the same rows, so their batches (and compiled shapes) are identical. A replica
+    # without a row (a short --limit) idles.
     scorer = PackedScorer(model, device, None, cfg.batch_tokens, compile=cfg.compile,
                           block_regions=cfg.block_regions, layout=cfg.layout)
-    batches = scorer.prepare(mine)
+    batches = scorer.prepare(requests, replica=(rank // cfg.tp, replicas))
     t0 = time.perf_counter()
-    scorer.warmup(batches)
+    if batches is not None:
+        scorer.warmup(batches)
     warm = time.perf_counter() - t0
     torch.cuda.reset_peak_memory_stats(device)
     if cfg.gpus > 1:
         dist.barrier()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    scorer.score(batches)
+    if batches is not None:
+        scorer.score(batches)
     torch.cuda.synchronize()
     if cfg.gpus > 1:
         dist.barrier()
@@ -278,9 +279,11 @@ def _worker(rank: int, cfg: BenchConfig, requests: list[Request], args: ModelArg
         scorer.score(sub)
         torch.cuda.synchronize()
         same_items_s = time.perf_counter() - t1
-    queue.put(WorkerResult(rank, seconds, warm, sum(batches.real_tokens), batches.attended_keys(), scorer.layout,
+    idle = batches is None
+    queue.put(WorkerResult(rank, seconds, warm, 0 if idle else sum(batches.real_tokens),
+                           0 if idle else batches.attended_keys(), scorer.layout,
                            torch.cuda.max_memory_allocated(device),
-                           list(batches.shape), same_items_s, sustained))
+                           None if idle else list(batches.shape), same_items_s, sustained))
     if cfg.gpus > 1:
         dist.destroy_process_group()
 

@@ -293,16 +293,6 @@ def gather_to_writer(d: Dist, obj) -> list | None:
     return out
 
 
-def replica_items(d: Dist, n_items: int) -> list[int]:
-    """Positions of the items this rank's data-parallel replica scores: every dp-th item (an item's 4
-    requests stay together). All ranks of a tensor-parallel group get the same list, so they run
-    identical batches."""
-    if n_items < d.dp:
-        raise HscError(f"{n_items} item(s) for {d.dp} data-parallel replicas: each replica needs at least "
-                       f"one (raise --limit to {d.dp} or more)")
-    return list(range(d.dp_rank, n_items, d.dp))
-
-
 def build_rank_model(d: Dist, artifact, manifest: Manifest, **kwargs):
     """This rank's model: only rank{tp_rank}.safetensors is read (and its sha256 checked). If any rank
     fails to load its file, every rank raises that file's one-line error."""
@@ -318,11 +308,10 @@ def build_rank_model(d: Dist, artifact, manifest: Manifest, **kwargs):
 def gather_replicas(d: Dist, all_items: list, mine: list[int], requests: list, logliks: list[float],
                     n_tokens: int):
     """On the writer: (items, requests, logliks, n_tokens) of the whole run, in the original item order,
-    from the tensor-parallel rank 0 of every replica. Elsewhere: None. Collective."""
-    if not d.distributed:
-        return all_items, requests, logliks, n_tokens
+    from the tensor-parallel rank 0 of every replica (one process: its own, checked the same way: every
+    item scored once). Elsewhere: None. Collective."""
     part = (mine, requests, logliks, n_tokens) if d.tp_rank == 0 else None
-    parts = gather_to_writer(d, part)
+    parts = gather_to_writer(d, part)  # one process: [part]
     if not d.is_writer:
         return None
     n = len(all_items)
@@ -339,7 +328,8 @@ def gather_replicas(d: Dist, all_items: list, mine: list[int], requests: list, l
         total_tokens += toks
     missing = [i for i in range(n) if full_logliks[4 * i] is None]
     if missing or len(full_logliks) != 4 * n:
-        raise HscError(f"data-parallel gather lost {len(missing)} item(s) (first: position {missing[:1]})")
+        raise HscError(f"{len(missing)} item(s) came back unscored (first: position {missing[:1]}): no replica "
+                       f"scored a token of them")
     return all_items, full_requests, full_logliks, total_tokens
 
 

@@ -170,11 +170,17 @@ class Batches:
     real_tokens: list[int]  # non-padding tokens per batch (for tokens/s)
     # The flat layout's FlexAttention mask (tree_block_mask, on the device); None: dense SDPA masks.
     block_mask: tuple[torch.Tensor, ...] | None = None
+    n_requests: int = 0  # all requests packed (a data-parallel replica's batches hold some of them)
 
     def attended_keys(self) -> int:
         """Keys the real tokens attend to, summed (a token at depth d reads d + 1): attention's
         work as the model needs it, whatever the layout computes."""
         return int(((self.positions + 1) * (self.slot != PAD_SLOT).to(self.positions.device)).sum())
+
+    def items_held(self) -> list[int]:
+        """Positions of the items whose requests these batches score (requests come 4 per item)."""
+        owners = self.target_request[self.target_request >= 0]
+        return sorted(set((owners // 4).tolist()))
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -488,9 +494,15 @@ class PackedScorer:
         self.step = torch.compile(step, mode=mode, fullgraph=True, dynamic=False) if compile else step
         self.compiled = compile
 
-    def prepare(self, requests: list[Request], like: Batches | None = None) -> Batches:
+    def prepare(self, requests: list[Request], like: Batches | None = None, replica: tuple[int, int] = (0, 1)
+                ) -> Batches | None:
         """Pack `requests`; with `like`, into exactly the shape of earlier batches, so the
-        compiled step (and its CUDA graph) is reused."""
+        compiled step (and its CUDA graph) is reused. replica (rank, count): of the rows that packing
+        all of `requests` makes, only rows rank, rank + count, ... (data parallelism): every replica
+        runs rows exactly as one GPU runs them, as many to a batch, so its scores are one GPU's (up to
+        the LM head's rounding: a batch's target list is padded to what the replica's batches need).
+        None where a replica gets no row (fewer rows than replicas)."""
+        rank, count = replica
         n_targets = like.target_index.shape[1] if like is not None else None
         if self.layout == "flat":
             segments, self.row_len = flat_segments(requests, self.batch_tokens, self.row_len)
@@ -503,8 +515,11 @@ class PackedScorer:
         if self.rows_per_batch is None:
             # Fewer rows than a batch holds make one batch: no graph to reuse, so no padding rows.
             self.rows_per_batch = min(max(1, self.batch_tokens // self.row_len), len(rows))
+        rows = rows[rank::count]
+        if not rows:
+            return None
         batches = pack(segments, self.row_len, self.rows_per_batch, n_targets=n_targets, rows=rows)
-        self.n_requests = len(requests)
+        batches.n_requests = len(requests)
         for name in ("tokens", "positions", "subtree_end", "target_index", "target_ids"):
             setattr(batches, name, getattr(batches, name).to(self.device))
         if self.layout == "flat":
@@ -530,7 +545,8 @@ class PackedScorer:
 
     @torch.inference_mode()
     def score(self, batches: Batches, progress=None, sync_every: int = 8) -> list[float]:
-        n_requests = self.n_requests
+        """The log-likelihood of every packed request, in order; NaN for those of items that another
+        replica's rows hold (Batches.items_held)."""
         outputs, reported = [], 0
         n_batches = batches.tokens.shape[0]
         for b in range(n_batches):
@@ -545,5 +561,7 @@ class PackedScorer:
         logp = torch.stack(outputs).double().cpu().flatten()
         owner = batches.target_request.flatten()
         keep = owner >= 0
-        sums = torch.zeros(n_requests, dtype=torch.float64).index_add_(0, owner[keep], logp[keep])
-        return sums.tolist()
+        sums = torch.zeros(batches.n_requests, dtype=torch.float64).index_add_(0, owner[keep], logp[keep])
+        held = torch.zeros(batches.n_requests, dtype=torch.bool)
+        held[owner[keep]] = True
+        return sums.masked_fill(~held, math.nan).tolist()

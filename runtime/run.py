@@ -35,20 +35,64 @@ class RunConfig:
     layout: str | None = None  # packed: "rows" or "flat"; None: runtime.packed.default_layout
 
 
+# An engine, as run() drives it: prepare(requests, replica=(rank, count)) -> (work, positions of the items
+# this data-parallel replica scores); warmup(work); tokens(work) -> tokens it computes; score(work,
+# progress) -> log-likelihoods of those items' requests, 4 per item, in their order. A replica given no
+# work idles (a short --limit on several replicas).
+
+
 class ReferenceEngine:
-    """lm-eval's loop: one forward per request (right-padded batches of similar length)."""
+    """lm-eval's loop: one forward per request (right-padded batches of similar length); a replica
+    scores every count-th item."""
+
+    layout = None
+    batch_shape = None
 
     def __init__(self, model, cfg: RunConfig, device):
         self.model, self.cfg, self.device = model, cfg, device
 
-    def prepare(self, requests):
-        return requests
+    def prepare(self, requests, replica=(0, 1)):
+        rank, count = replica
+        mine = list(range(rank, len(requests) // 4, count))
+        return [r for i in mine for r in requests[4 * i: 4 * i + 4]], mine
 
     def warmup(self, requests):
-        score_reference(self.model, requests[:4], self.device, self.cfg.batch_tokens)
+        if requests:
+            score_reference(self.model, requests[:4], self.device, self.cfg.batch_tokens)
+
+    def tokens(self, requests) -> int:
+        return sum(len(request_tokens(r, self.model.args.max_seq_len)[0]) for r in requests)
 
     def score(self, requests, progress=None):
         return score_reference(self.model, requests, self.device, self.cfg.batch_tokens, progress=progress)
+
+
+class PackedEngine:
+    """The packed scorer (runtime/packed.py); a replica scores every count-th row of the whole set's
+    packing, so it runs exactly the rows that one GPU runs, as many to a batch."""
+
+    def __init__(self, scorer: PackedScorer):
+        self.scorer, self.layout, self.batch_shape = scorer, scorer.layout, None
+
+    def prepare(self, requests, replica=(0, 1)):
+        batches = self.scorer.prepare(requests, replica=replica)
+        if batches is None:
+            return None, []
+        self.batch_shape = list(batches.shape)  # [rows, row length, targets]
+        return batches, batches.items_held()
+
+    def warmup(self, batches):
+        if batches is not None:
+            self.scorer.warmup(batches)
+
+    def tokens(self, batches) -> int:
+        return sum(batches.real_tokens) if batches is not None else 0
+
+    def score(self, batches, progress=None):
+        if batches is None:
+            return []
+        logliks = self.scorer.score(batches, progress=progress)
+        return [logliks[4 * i + j] for i in batches.items_held() for j in range(4)]
 
 
 def make_engine(model, cfg: RunConfig, device):
@@ -60,7 +104,8 @@ def make_engine(model, cfg: RunConfig, device):
     if cfg.layout == "flat" and not compile:
         raise HscError(FLAT_NEEDS_COMPILE)
     try:
-        return PackedScorer(model, device, cfg.row_len, cfg.batch_tokens, compile=compile, layout=cfg.layout)
+        return PackedEngine(PackedScorer(model, device, cfg.row_len, cfg.batch_tokens, compile=compile,
+                                         layout=cfg.layout))
     except ValueError as e:  # a row length the layout cannot use
         raise HscError(f"--row-len {cfg.row_len}: {e}") from None
 
@@ -128,11 +173,6 @@ def run(cfg: RunConfig, command: str, echo=print) -> dict:
         items = [it for it in items if it.index not in calib_ids]
         if not items:
             raise HscError(f"{cfg.artifact}: every selected item was a calibration item; nothing left to score")
-    # Data parallel: this replica scores every dp-th item (an item's 4 requests stay together); the
-    # ranks of a tensor-parallel group hold the same items and run identical batches.
-    all_items, mine = items, distributed.replica_items(d, len(items))
-    items = [all_items[i] for i in mine]
-
     tok = load_tokenizer(cfg.artifact, manifest)
     add_bos = manifest.tokenizer.add_bos if cfg.bos is None else cfg.bos
     requests = build_requests(items, tok, add_bos)
@@ -147,7 +187,11 @@ def run(cfg: RunConfig, command: str, echo=print) -> dict:
 
     configure_backends(model.output.weight.dtype)
     engine = make_engine(model, cfg, device)
-    prepared = engine.prepare(requests)  # packing and gather indices, before any clock that counts
+    # Data parallel: each replica takes its share of the work (the ranks of a tensor-parallel group the
+    # same share, so they run identical batches). Packed: every dp-th row of the whole set's packing, so
+    # the replicas run exactly the rows one GPU would; the reference loop: every dp-th item.
+    # Packing and gather indices are made here, before any clock that counts.
+    prepared, mine = engine.prepare(requests, replica=(d.dp_rank, d.dp))
     t_prepared = time.perf_counter()
     # Warm-up: compilation, CUDA-graph capture, kernel selection, allocator growth.
     engine.warmup(prepared)
@@ -156,10 +200,7 @@ def run(cfg: RunConfig, command: str, echo=print) -> dict:
     distributed.barrier(d)
     t_warm = time.perf_counter()
 
-    if cfg.engine == "packed":
-        n_tokens = sum(prepared.real_tokens)
-    else:
-        n_tokens = sum(len(request_tokens(r, model.args.max_seq_len)[0]) for r in requests)
+    n_tokens = engine.tokens(prepared)
     with tqdm(total=n_tokens, unit="tok", unit_scale=True, desc="scoring",
               disable=None if d.is_writer else True) as bar:
         logliks = engine.score(prepared, progress=bar.update)
@@ -167,8 +208,9 @@ def run(cfg: RunConfig, command: str, echo=print) -> dict:
         torch.cuda.synchronize()
     distributed.barrier(d)
     t_scored = time.perf_counter()
+    requests = [r for i in mine for r in requests[4 * i: 4 * i + 4]]
     # The writer (global rank 0) collects every replica's requests and log-likelihoods in item order.
-    gathered = distributed.gather_replicas(d, all_items, mine, requests, logliks, n_tokens)
+    gathered = distributed.gather_replicas(d, items, mine, requests, logliks, n_tokens)
     if gathered is None:  # not the writer: only rank 0 prints and writes
         distributed.teardown(d)
         return {}
@@ -191,8 +233,8 @@ def run(cfg: RunConfig, command: str, echo=print) -> dict:
         "join_mismatch_requests": sum(r.join_mismatch for r in requests),
         "tokens_forwarded": n_tokens,
         "engine": cfg.engine,
-        "batch_shape": list(prepared.shape) if cfg.engine == "packed" else None,  # [rows, row length, targets]
-        "layout": engine.layout if cfg.engine == "packed" else None,
+        "batch_shape": engine.batch_shape,  # packed: [rows, row length, targets]
+        "layout": engine.layout,
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "precision": manifest.precision,
         "world_size": d.world_size, "tp": d.tp, "dp": d.dp, "backend": d.backend,

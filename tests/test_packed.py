@@ -227,6 +227,45 @@ def test_flat_trees_do_not_depend_on_the_batch_size(monkeypatch):
         assert b.tokens.shape == (1, 1, 128) and b.real_tokens[0] > 32
 
 
+@pytest.mark.parametrize("layout", ["rows", "flat"])
+def test_replicas_run_the_rows_one_gpu_runs(layout):
+    """Data parallelism deals whole rows: replica r of n packs rows r, r + n, ... of the one-GPU packing,
+    as many to a batch, so each row (its trees, where they sit) and each score is the one GPU's; every
+    item is held by exactly one replica, and its scores are NaN elsewhere."""
+    seed = torch.seed() % 2**31
+    requests = _items(random.Random(seed)) + _many_items(random.Random(seed), 80)
+    model = Transformer(ARGS)
+    model.load_state_dict(random_state_dict(ARGS, seed))
+    model.eval().use_half_split_rope()
+    shape = dict(row_len=256, batch_tokens=512) if layout == "rows" else dict(row_len=128, batch_tokens=256)
+    scorer = lambda: PackedScorer(model, "cpu", layout=layout, **shape)
+    one_scorer = scorer()
+    one = one_scorer.prepare(requests)
+    want = one_scorer.score(one)
+    real_rows = lambda b: [t.flatten(0, 1)[b.slot.flatten(0, 1).ne(-1).any(-1)] for t in (b.tokens, b.positions, b.subtree_end)]
+    n_rows = len(real_rows(one)[0])
+    assert n_rows >= 4 and one.tokens.shape[1] == 2
+    for count in (2, 3, n_rows + 1):
+        held, got = [], np.full(len(requests), np.nan)
+        for rank in range(count):
+            part_scorer = scorer()
+            part = part_scorer.prepare(requests, replica=(rank, count))
+            if rank >= n_rows:  # more replicas than rows: the rest idle
+                assert part is None
+                continue
+            assert part.shape[:2] == one.shape[:2]  # the targets' padding follows the replica's batches
+            for mine, all_rows in zip(real_rows(part), real_rows(one)):
+                assert torch.equal(mine, all_rows[rank::count])
+            scores = np.array(part_scorer.score(part))
+            mine = part.items_held()
+            held += mine
+            reqs = [4 * i + j for i in mine for j in range(4)]
+            assert not np.isnan(scores[reqs]).any() and np.isnan(np.delete(scores, reqs)).all()
+            got[reqs] = scores[reqs]
+        assert sorted(held) == list(range(len(requests) // 4))
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6, err_msg=f"seed {seed}")
+
+
 @pytest.mark.parametrize("q_block,kv_block", [(128, 64), (128, 128), (64, 16)])
 def test_tree_block_mask_is_the_dense_mask_in_blocks(q_block, kv_block):
     """Blocks listed as partly read are exactly those with some but not all elements allowed by
