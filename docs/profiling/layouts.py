@@ -1,5 +1,5 @@
 """Packed layouts on the GPU: rows (trees first-fit into [36 x 448], dense-mask SDPA) against flat (one
-tree per 16k-token batch, FlexAttention with the tree's block mask), 4-layer LLaMA-30B-shape steps at the
+8k-token tree per row, [2 x 8,064], FlexAttention with the tree's block mask), 4-layer LLaMA-30B-shape steps at the
 full set's batch shape; ms per batch, the implied 60-layer full-set time, the attention kernels' share,
 and how far the two layouts' scores are apart.
 
