@@ -73,13 +73,15 @@ class PackedEngine:
 
     def __init__(self, scorer: PackedScorer):
         self.scorer, self.layout, self.batch_shape = scorer, scorer.layout, None
+        self.held: list[int] = []  # positions of the items the prepared batches score
 
     def prepare(self, requests, replica=(0, 1)):
         batches = self.scorer.prepare(requests, replica=replica)
         if batches is None:
             return None, []
         self.batch_shape = list(batches.shape)  # [rows, row length, targets]
-        return batches, batches.items_held()
+        self.held = batches.items_held()
+        return batches, self.held
 
     def warmup(self, batches):
         if batches is not None:
@@ -92,7 +94,7 @@ class PackedEngine:
         if batches is None:
             return []
         logliks = self.scorer.score(batches, progress=progress)
-        return [logliks[4 * i + j] for i in batches.items_held() for j in range(4)]
+        return [logliks[4 * i + j] for i in self.held for j in range(4)]
 
 
 def make_engine(model, cfg: RunConfig, device):
