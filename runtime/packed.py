@@ -244,7 +244,7 @@ FLEX_Q_BLOCK = 128
 # token at LLaMA-30B shapes than the 192-row tiles it picked at 16,256; docs/benchmarks.md).
 FLAT_TREE_TOKENS = 8064
 # How many of the next items in context order may fill the tail of a tree that the next one does not fit
-# (the filler pays its whole size: it shares only what every item shares). On the full set (LLaMA's
+# (a filler is counted at its whole size, as if it shared nothing with the tree). On the full set (LLaMA's
 # tokenizer) next-fit alone cut 222 trees (111 batches of two), filling from the next 64 cut 220.
 FILL_LOOKAHEAD = 64
 
