@@ -254,8 +254,8 @@ def test_replicas_run_the_rows_one_gpu_runs(layout):
                 assert part is None
                 continue
             assert part.shape[:2] == one.shape[:2]  # the targets' padding follows the replica's batches
-            for mine, all_rows in zip(real_rows(part), real_rows(one)):
-                assert torch.equal(mine, all_rows[rank::count])
+            for its_rows, all_rows in zip(real_rows(part), real_rows(one)):
+                assert torch.equal(its_rows, all_rows[rank::count])
             scores = np.array(part_scorer.score(part))
             mine = part.items_held()
             held += mine
