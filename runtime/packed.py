@@ -462,7 +462,7 @@ LAYOUTS = ("rows", "flat")
 # Why hsc run and hsc bench refuse --layout flat without --compile (PackedScorer itself runs it eagerly
 # on the small batches of the tests).
 FLAT_NEEDS_COMPILE = ("--layout flat needs --compile: uncompiled FlexAttention materialises the whole "
-                      "[heads, T, T] score matrix of every 16k-token batch")
+                      "[heads, T, T] score matrix of every 8k-token row")
 
 
 def default_layout(device, compile: bool) -> str:

@@ -45,7 +45,7 @@ from runtime.model import TransformerBlock, rope_tables
 from runtime.packed import PAD_SLOT, Batches, PackedScorer, attention_mask
 from runtime.scoring import build_requests
 from toolchain.hashing import combined_sha256
-from toolchain.smoothquant import POINTS, W2_IN, W13_IN, WO_IN, WQKV_IN, LayerStats
+from toolchain.smoothquant import POINTS, W2_IN, W13_IN, WO_IN, WQKV_IN, LayerStats, point_widths
 from toolchain.source import ModelSource
 
 FORMAT = "hsc-calibration"
@@ -236,7 +236,7 @@ def calibrate(src: ModelSource, items: list[Item], tokenizer, add_bos: bool, n_i
               for bs in sets]  # [set][batch] -> [B, T, dim]
     del embed
 
-    dim_of = {WQKV_IN: args.dim, WO_IN: args.n_heads * args.head_dim, W13_IN: args.dim, W2_IN: args.ffn_dim}
+    dim_of = point_widths(args)
     absmax, samples = {}, {}
     n_rows = 0
     stats = CalibrationStats(absmax, [it.index for it in chosen], split, seed, samples, [it.index for it in held],

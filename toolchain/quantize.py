@@ -28,8 +28,8 @@ from toolchain.calibrate import CalibrationStats, calibrate
 from toolchain.hashing import combined_sha256
 from toolchain.quant_check import QuantCheck, check_summary, compare, draw_check_items, enforce_max_drop, error_stats
 from toolchain.shard import shard_shape
-from toolchain.smoothquant import (DEFAULT_ALPHAS, POINT_LINEARS, W2_IN, W13_IN, WO_IN, WQKV_IN, choose_alpha,
-                                   fake_quant_e4m3, fake_quant_int8, fake_quant_w8, smooth_layer)
+from toolchain.smoothquant import (DEFAULT_ALPHAS, POINT_LINEARS, choose_alpha,
+                                   fake_quant_e4m3, fake_quant_int8, fake_quant_w8, point_widths, smooth_layer)
 from toolchain.source import ModelSource, check_shape
 
 # The seven block linears (Meta names, relative to `layers.{i}.`); quantized precisions store each as
@@ -265,8 +265,7 @@ def reuse_calibration(src: ModelSource, opts: QuantOptions, source: str, add_bos
         raise file_error(path, f"was calibrated with BOS {'on' if info.get('add_bos') else 'off'}, "
                                f"the tokenizer has it {'on' if add_bos else 'off'}")
     args = src.args
-    dims = {WQKV_IN: args.dim, WO_IN: args.n_heads * args.head_dim, W13_IN: args.dim, W2_IN: args.ffn_dim}
-    want = {f"layers.{i}.{p}": (d,) for i in range(args.n_layers) for p, d in dims.items()}
+    want = {f"layers.{i}.{p}": (d,) for i in range(args.n_layers) for p, d in point_widths(args).items()}
     have = {k: tuple(v.shape) for k, v in stats.absmax.items()}
     if have != want:
         wrong = sorted(set(have.items()) ^ set(want.items()))[0][0]

@@ -37,6 +37,11 @@ W13_IN = "feed_forward.w13_in"
 W2_IN = "feed_forward.w2_in"
 POINTS = (WQKV_IN, WO_IN, W13_IN, W2_IN)
 
+
+def point_widths(args: ModelArgs) -> dict[str, int]:
+    """The activation width at each point: the input features of the linears that read it."""
+    return {WQKV_IN: args.dim, WO_IN: args.n_heads * args.head_dim, W13_IN: args.dim, W2_IN: args.ffn_dim}
+
 # The linears that read each point's activation.
 POINT_LINEARS = {
     WQKV_IN: ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight"),
