@@ -138,7 +138,10 @@ def commit(tmp: Path, out_dir: Path) -> None:
     if not out_dir.exists():
         os.rename(tmp, out_dir)
     elif _exchange(tmp, out_dir):  # out_dir is now the new directory, tmp the old one
-        shutil.rmtree(tmp)
+        if tmp.is_symlink():  # the output was a symlink to a directory: the link goes, its target stays
+            tmp.unlink()
+        else:
+            shutil.rmtree(tmp)
     else:
         # a unique name the next writer recognises; renaming a directory onto an empty one replaces it
         aside = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{_OLD}", dir=out_dir.parent))
