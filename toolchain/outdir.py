@@ -148,9 +148,9 @@ def commit(tmp: Path, out_dir: Path) -> None:
         try:
             os.rename(out_dir, aside)
             os.rename(tmp, out_dir)
-        except BaseException:  # interrupted between the renames: the old one goes back
+        except BaseException:  # interrupted: the old one goes back, unless the new one got its name
             if out_dir.exists():
-                aside.rmdir()
+                shutil.rmtree(aside, ignore_errors=True)  # the old one, or the empty placeholder
             else:
                 os.rename(aside, out_dir)
             raise
