@@ -183,3 +183,11 @@ def test_escape_sequences_from_files_are_printed_escaped(hsc, art_copy, shared_d
 
 def test_printable_keeps_ordinary_text():
     assert printable("SmolLM2-135M · ± é 日本") == "SmolLM2-135M · ± é 日本"
+
+
+def test_warnings_are_printed_escaped(capsys):
+    from runtime.distributed import _warn
+
+    _warn("planned for " + ESC)
+    err = capsys.readouterr().err
+    assert err.startswith("hsc: warning: planned for \\x1b[2J") and not any(c in err for c in "\x1b\x07\x9b\u202e\r")
