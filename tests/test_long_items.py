@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from runtime.config import ModelArgs
-from runtime.hellaswag import MAX_FIELD_CHARS, Item, load_items
+from runtime.hellaswag import MAX_FIELD_BYTES, Item, load_items
 from runtime.model import Transformer
 from runtime.packed import PackedScorer
 from runtime.scoring import Request, drop_overlong, fit_request, score_reference
@@ -145,8 +145,11 @@ def test_run_with_every_item_too_long_is_one_line(hsc, art_copy, tmp_path):
 def test_loader_refuses_an_oversized_field(tmp_path):
     data = tmp_path / "huge.jsonl"
     _write_items(data, [("Q: a b", ["a", "b", "c", "d"]), ("Q: c", ["a", " ".join(["word"] * 20_000), "c", "d"])])
-    with pytest.raises(Exception, match=f"huge.jsonl:2: a context or ending of 99,999 characters, more than the "
-                                        f"{MAX_FIELD_CHARS:,}"):
+    with pytest.raises(Exception, match=f"huge.jsonl:2: a context or ending of 99,999 bytes, more than the "
+                                        f"{MAX_FIELD_BYTES:,}"):
         load_items(str(data))
-    _write_items(data, [("Q: a b", ["a", "x" * MAX_FIELD_CHARS, "c", "d"])])
+    _write_items(data, [("Q: a b", ["a", "x" * MAX_FIELD_BYTES, "c", "d"])])
     assert len(load_items(str(data))[0]) == 1
+    _write_items(data, [("Q: a b", ["a", "日" * (MAX_FIELD_BYTES // 3 + 1), "c", "d"])])  # 3 bytes a character
+    with pytest.raises(Exception, match=f"a context or ending of {MAX_FIELD_BYTES + 2:,} bytes"):
+        load_items(str(data))
