@@ -27,7 +27,8 @@ def confined(directory: Path, name: str, what: str = "directory", must_exist: bo
         raise file_error(directory, f"names a file {name!r} that is not a plain relative path (refused)")
     if (PurePosixPath(name).is_absolute() or PureWindowsPath(name).is_absolute() or PureWindowsPath(name).drive
             or ".." in PurePosixPath(name.replace("\\", "/")).parts):
-        raise file_error(shown, f"a path outside the {what} (refused: only names inside it are read)")
+        raise file_error(directory, f"names {name!r}, a path outside the {what} (refused: only names inside it "
+                                    "are read)")
     try:
         root = directory.resolve(strict=True)
         real = shown.resolve()  # follows every symlink; the target is not opened, so nothing blocks
