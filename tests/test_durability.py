@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -87,7 +88,6 @@ def test_sigkill_leaves_what_the_next_compile_removes(hsc, ckpt_master, out_dir,
 def test_force_killed_mid_replacement_keeps_a_whole_artifact(hsc, ckpt_master, artifact, tmp_path, point, sig):
     out = tmp_path / "arts" / "tiny-cpu"
     out.parent.mkdir()
-    import shutil
     shutil.copytree(artifact, out)
     done = _stop_and_signal(point, tmp_path, sig, "compile", ckpt_master, *COMPILE, "-o", out, "--force")
     assert done.returncode in (-signal.SIGKILL, 143), done.stderr
