@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from runtime.config import MANIFEST_NAME, QUANTIZED_PRECISIONS, Manifest
 from runtime.errors import file_error
 from runtime.model import Transformer, rope_tables
+from runtime.paths import confined
 from runtime.quant import scheme_from_dict, swap_linears
 from runtime.tokenizer import Tokenizer
 
@@ -21,13 +22,25 @@ def load_manifest(artifact: Path) -> Manifest:
     path = artifact / MANIFEST_NAME
     if not artifact.is_dir():
         raise file_error(artifact, "not an artifact directory (no such directory)")
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise file_error(path, "missing: not an hsc artifact")
+    confined(artifact, MANIFEST_NAME, "artifact")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise file_error(path, f"not valid JSON (not UTF-8 text: {e.reason} at byte {e.start})") from None
-    return Manifest.from_json(text, path)
+    manifest = Manifest.from_json(text, path)
+    for name in artifact_files(manifest):  # every name the manifest gives stays inside the artifact
+        confined(artifact, name, "artifact", must_exist=False)
+    return manifest
+
+
+def artifact_files(manifest: Manifest) -> list[str]:
+    """The names of every file the manifest lists: shards, tokenizer, calibration statistics."""
+    names = [s.file for s in manifest.shards] + [manifest.tokenizer.file]
+    if manifest.calibration and manifest.calibration.get("file"):
+        names.append(manifest.calibration["file"])
+    return names
 
 
 def sha256_of(path: Path) -> str:
@@ -38,14 +51,14 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def verify_file(artifact: Path, file: str, sha256: str, nbytes: int | None = None) -> None:
-    path = Path(artifact) / file
-    if not path.is_file():
-        raise file_error(path, "missing from the artifact")
+def verify_file(artifact: Path, file: str, sha256: str, nbytes: int | None = None) -> Path:
+    """The path of `file`, confined to the artifact (runtime/paths.py), once its size and sha256 match."""
+    path = confined(artifact, file, "artifact")
     if nbytes is not None and path.stat().st_size != nbytes:
         raise file_error(path, f"has {path.stat().st_size} bytes, the manifest says {nbytes} (tampered or truncated)")
     if sha256_of(path) != sha256:
         raise file_error(path, "sha256 does not match the manifest (tampered or corrupt)")
+    return path
 
 
 def verify_artifact(artifact: Path, manifest: Manifest) -> list[str]:
@@ -69,8 +82,7 @@ def manifest_sha256(artifact: Path) -> str:
 
 def load_tokenizer(artifact: Path, manifest: Manifest) -> Tokenizer:
     t = manifest.tokenizer
-    verify_file(artifact, t.file, t.sha256)
-    return Tokenizer(t.kind, Path(artifact) / t.file, t.bos_id, t.eos_id)
+    return Tokenizer(t.kind, verify_file(artifact, t.file, t.sha256), t.bos_id, t.eos_id)
 
 
 def load_rank_weights(artifact: Path, manifest: Manifest, tp_rank: int, device: str | torch.device) -> dict:
@@ -78,11 +90,11 @@ def load_rank_weights(artifact: Path, manifest: Manifest, tp_rank: int, device: 
     shard = next((s for s in manifest.shards if s.tp_rank == tp_rank), None)
     if shard is None:
         raise file_error(Path(artifact) / MANIFEST_NAME, f"lists no shard for tensor-parallel rank {tp_rank}")
-    verify_file(artifact, shard.file, shard.sha256, shard.bytes)
+    path = verify_file(artifact, shard.file, shard.sha256, shard.bytes)
     try:
-        return load_file(Path(artifact) / shard.file, device=str(device))
+        return load_file(path, device=str(device))
     except (SafetensorError, OSError) as e:
-        raise file_error(Path(artifact) / shard.file, f"unreadable safetensors ({e})") from None
+        raise file_error(path, f"unreadable safetensors ({e})") from None
 
 
 # QuantLinear buffers: stored in the scheme's dtypes (fp8 qdata is a float dtype too), never cast.

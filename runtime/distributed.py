@@ -30,6 +30,7 @@ import torch.distributed as dist
 from runtime.artifact import build_model, load_manifest
 from runtime.config import Manifest
 from runtime.errors import HscError
+from runtime.paths import printable
 
 GIB = 1 << 30
 
@@ -109,7 +110,7 @@ def _is_gpu_target(manifest: Manifest) -> bool:
 
 
 def _warn(message: str) -> None:
-    print(f"hsc: warning: {' '.join(message.split())}", file=sys.stderr, flush=True)
+    print(f"hsc: warning: {printable(' '.join(message.split()))}", file=sys.stderr, flush=True)
 
 
 def pick_device(name: str) -> torch.device:

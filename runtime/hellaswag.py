@@ -20,6 +20,11 @@ from pathlib import Path
 from runtime.errors import HscError, file_error
 
 VALIDATION_SIZE = 10_042
+# The most bytes (UTF-8) a context or an ending may have (the validation set's longest context has 498,
+# its longest ending 410): one oversized field is refused before it is tokenized, so it cannot make the
+# packed engine's trees, and memory, grow without bound. Bytes, not characters: a byte-fallback tokenizer
+# makes at most about one token of a byte, so this bounds tokens too (docs/durability.md).
+MAX_FIELD_BYTES = 4096
 SHARED_FILE = Path("shared/data/hellaswag_val_full.txt.bz2")
 
 
@@ -56,6 +61,10 @@ def _make_item(index: int, query, endings, label, where: str) -> Item:
         raise HscError(f"{where}: label {label} is not in 0-3")
     if not isinstance(query, str) or not query.strip() or not all(isinstance(e, str) and e for e in endings):
         raise HscError(f"{where}: empty context or ending")
+    longest = max(len(field.encode("utf-8", "surrogatepass")) for field in (query, *endings))
+    if longest > MAX_FIELD_BYTES:
+        raise HscError(f"{where}: a context or ending of {longest:,} bytes, more than the "
+                       f"{MAX_FIELD_BYTES:,} hsc accepts")
     return Item(index, query, tuple(endings), label)
 
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
-from runtime.scoring import Request
+from runtime.scoring import Request, fit_request
 
 PAD_SLOT = -1  # segment slot of padding tokens (each attends only to itself, so never an empty row)
 
@@ -116,13 +116,15 @@ MAX_SHARED_SEGMENT = 224
 
 
 def _items_of(requests: list[Request]) -> list[list[tuple[int, Request]]]:
-    """Requests come 4 per item (build_requests' order) and share the item's context."""
-    items = []
-    for k in range(0, len(requests), 4):
-        group = [(k + j, r) for j, r in enumerate(requests[k:k + 4])]
-        assert all(r.context == group[0][1].context for _, r in group), "an item's endings share its context"
-        items.append(group)
-    return items
+    """Requests come 4 per item (build_requests' order) and share the item's context, unless it was
+    cut on the left to fit the model (scoring.fit_request), by as much as each ending needs."""
+    return [[(k + j, r) for j, r in enumerate(requests[k:k + 4])] for k in range(0, len(requests), 4)]
+
+
+def _shared_context(group: list[tuple[int, Request]]) -> tuple[int, ...]:
+    """The context tokens every request of an item starts with (all of it, unless it was cut)."""
+    first = group[0][1].context
+    return first[:min(_common_prefix(first, r.context) for _, r in group)]
 
 
 def _context_order(items: list[list[tuple[int, Request]]]) -> tuple[list[int], list[int]]:
@@ -130,7 +132,8 @@ def _context_order(items: list[list[tuple[int, Request]]]) -> tuple[list[int], l
     Sorted, an item's predecessor shares the most with it of all earlier items, so merging a run of
     sorted items saves exactly the sum of these counts (more only where identical contexts also have
     endings that start alike)."""
-    context = lambda i: items[i][0][1].context
+    contexts = [_shared_context(g) for g in items]
+    context = lambda i: contexts[i]
     order = sorted(range(len(items)), key=context)
     shared = [0] + [_common_prefix(context(a), context(b)) for a, b in zip(order, order[1:])]
     return order, shared
@@ -504,6 +507,8 @@ class PackedScorer:
         None where a replica gets no row (fewer rows than replicas)."""
         rank, count = replica
         n_targets = like.target_index.shape[1] if like is not None else None
+        if self.model is not None:  # lm-eval's left truncation, as the reference loop applies it
+            requests = [fit_request(r, self.model.args.max_seq_len) for r in requests]
         if self.layout == "flat":
             segments, self.row_len = flat_segments(requests, self.batch_tokens, self.row_len)
             rows = [[i] for i in range(len(segments))]

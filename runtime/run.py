@@ -16,7 +16,8 @@ from runtime.artifact import load_manifest, load_tokenizer, manifest_sha256
 from runtime.errors import HscError
 from runtime.hellaswag import load_items
 from runtime.packed import FLAT_NEEDS_COMPILE, PackedScorer
-from runtime.scoring import build_requests, compute_scores, predictions, request_tokens, score_reference
+from runtime.scoring import (build_requests, compute_scores, drop_overlong, predictions, request_tokens,
+                             score_reference)
 
 
 @dataclass(frozen=True)
@@ -178,6 +179,14 @@ def run(cfg: RunConfig, command: str, echo=print) -> dict:
     tok = load_tokenizer(cfg.artifact, manifest)
     add_bos = manifest.tokenizer.add_bos if cfg.bos is None else cfg.bos
     requests = build_requests(items, tok, add_bos)
+    # lm-eval's rule for long items: a context is cut on the left to fit the model (both engines,
+    # scoring.fit_request); an item with an ending that alone exceeds the context is left out, and named.
+    max_len = manifest.model.max_seq_len
+    items, requests, too_long = drop_overlong(items, requests, max_len)
+    if not items:
+        raise HscError(f"{data_source}: every selected item has an ending longer than the model's {max_len}-token "
+                       "context; nothing to score")
+    truncated = sum(len(r.context) + len(r.continuation) > max_len + 1 for r in requests)
     t_tokenized = time.perf_counter()
 
     model = distributed.build_rank_model(d, cfg.artifact, manifest)  # rank{tp_rank}.safetensors only
@@ -233,6 +242,9 @@ def run(cfg: RunConfig, command: str, echo=print) -> dict:
         "calibration_split": manifest.calibration.get("split") if manifest.calibration else None,
         "calibration_excluded": bool(cfg.exclude_calibration and calibration_overlap),
         "join_mismatch_requests": sum(r.join_mismatch for r in requests),
+        "max_seq_len": max_len,
+        "truncated_requests": truncated,  # contexts cut on the left to fit max_seq_len (lm-eval's rule)
+        "too_long_items": too_long,  # indices of items left out: an ending alone exceeds max_seq_len
         "tokens_forwarded": n_tokens,
         "engine": cfg.engine,
         "batch_shape": engine.batch_shape,  # packed: [rows, row length, targets]
@@ -264,6 +276,11 @@ def run(cfg: RunConfig, command: str, echo=print) -> dict:
     echo(f"  acc_norm = {100 * scores.acc_norm:.2f} ± {100 * scores.acc_norm_stderr:.2f}  (lm-eval: per character)")
     echo(f"  time: load {t['load_s']:.1f} s, prepare {t['prepare_s']:.1f} s, warm-up {t['warmup_s']:.1f} s, scoring {t['scoring_s']:.1f} s "
          f"({n_tokens / max(t['scoring_s'], 1e-9):,.0f} tok/s), total {t['total_s']:.1f} s")
+    if too_long or truncated:
+        echo(f"  long items: {truncated} request(s) cut on the left to the model's {max_len} tokens; "
+             f"{len(too_long)} item(s) left out, an ending alone longer than that"
+             + (f" (indices {', '.join(map(str, too_long[:10]))}{', ...' if len(too_long) > 10 else ''})"
+                if too_long else ""))
     echo(f"  wrote {out / 'results.json'} and {out / 'samples.jsonl'}")
     distributed.teardown(d)
     return results

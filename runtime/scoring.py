@@ -15,7 +15,7 @@ SmolLM2's GGUF says not to.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -60,10 +60,44 @@ def build_requests(items: list[Item], tok: Tokenizer, add_bos: bool) -> list[Req
     return requests
 
 
+def fits(req: Request, max_len: int) -> bool:
+    """Whether the continuation alone fits the model's max_len positions (lm-eval asserts it does): the
+    first continuation token needs one context token before it, the last predicts nothing."""
+    return len(req.continuation) <= max_len
+
+
+def fit_request(req: Request, max_len: int) -> Request:
+    """lm-eval's rule for a request longer than the model's context (HFLM._loglikelihood_tokens): the
+    model reads (context + continuation)[-(max_len + 1):][:-1], so the context loses tokens on the left
+    and the continuation is kept whole. Both engines score the fitted request."""
+    if not fits(req, max_len):
+        raise ValueError(f"item {req.item} ending {req.ending}: {len(req.continuation)} continuation tokens, "
+                         f"more than the model's {max_len} positions")
+    keep = max_len + 1 - len(req.continuation)  # context tokens that still fit
+    if len(req.context) <= keep:
+        return req
+    return replace(req, context=req.context[len(req.context) - keep:])
+
+
+def drop_overlong(items: list[Item], requests: list[Request], max_len: int
+                  ) -> tuple[list[Item], list[Request], list[int]]:
+    """Items (and their 4 requests) without those having an ending whose tokens alone exceed max_len
+    positions, which no left truncation can fit; and the source indices of the dropped items."""
+    kept_items, kept_requests, dropped = [], [], []
+    for k, item in enumerate(items):
+        reqs = requests[4 * k: 4 * k + 4]
+        if all(fits(r, max_len) for r in reqs):
+            kept_items.append(item)
+            kept_requests += reqs
+        else:
+            dropped.append(item.index)
+    return kept_items, kept_requests, dropped
+
+
 def request_tokens(req: Request, max_len: int) -> tuple[list[int], list[int], int]:
-    """Model input, targets and where the targets start, truncated on the left like lm-eval
-    when context + continuation exceed the model's positions."""
-    full = list(req.context + req.continuation)[-(max_len + 1):]
+    """Model input, targets and where the targets start, of the request fitted to max_len (fit_request)."""
+    req = fit_request(req, max_len)
+    full = list(req.context + req.continuation)
     inputs, targets = full[:-1], full[1:]
     start = len(inputs) - len(req.continuation)
     return inputs, targets[start:], start

@@ -74,6 +74,16 @@ def loglikelihood(W, args, context: list[int], continuation: list[int]) -> float
     return float(sum(lp[j, t] for j, t in enumerate(continuation)))
 
 
+def lm_eval_loglikelihood(W, args, context: list[int], continuation: list[int], max_length: int) -> float:
+    """lm-eval's HFLM._loglikelihood_tokens for one request, written out plainly: the model reads
+    (context + continuation)[-(max_length + 1):][:-1] from position 0, and the last len(continuation)
+    positions of its output score the continuation (lm-eval asserts len(continuation) <= max_length)."""
+    assert 0 < len(continuation) <= max_length
+    inp = (context + continuation)[-(max_length + 1):][:-1]
+    lp = forward_logprobs(W, args, inp, slice(len(inp) - len(continuation), len(inp)))
+    return float(sum(lp[j, t] for j, t in enumerate(continuation)))
+
+
 def lm_eval_requests(tokenize, query: str, endings, bos: int | None):
     """lm-eval's _encode_pair for each ending, written out plainly: (context ids, continuation ids)."""
     out = []

@@ -5,26 +5,39 @@ User errors (HscError) print one line and exit 1, never a traceback.
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import shlex
 import sys
-from pathlib import Path
 
-import click
+try:  # Ctrl-C while torch is imported: one line and 130, as at any later moment (main)
+    import dataclasses
+    import json
+    import shlex
+    import signal
+    from pathlib import Path
 
-from runtime.bench import PRECISIONS as BENCH_PRECISIONS
-from runtime.errors import HscError
-from runtime.packed import LAYOUTS
-from runtime.run import RunConfig
-from toolchain.resources import summary as resources_summary
-from toolchain.targets import TARGETS
+    import click
+
+    from runtime.bench import PRECISIONS as BENCH_PRECISIONS
+    from runtime.errors import HscError
+    from runtime.packed import LAYOUTS
+    from runtime.paths import printable
+    from runtime.run import RunConfig
+    from toolchain.resources import summary as resources_summary
+    from toolchain.targets import TARGETS
+except KeyboardInterrupt:
+    sys.stderr.write("hsc: interrupted\n")
+    sys.exit(130)
 
 RUN_DEFAULTS = RunConfig(artifact=Path("."))
 
 
 def _command_line() -> str:
     return shlex.join(["hsc", *sys.argv[1:]])
+
+
+def _echo(line: str) -> None:
+    """Print a line that holds strings read from files (a model name, a path a manifest gives) with their
+    control characters escaped: a terminal escape sequence in a file is shown, never acted on."""
+    click.echo(printable(line))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -103,11 +116,11 @@ def compile_cmd(source, target, precision, out_dir, tokenizer_path, tp, force, c
                              check_items=d.check_items if check_items is None else check_items, max_drop=max_drop,
                              fast_accum=fast_accum, calibration_from=calibration_from)
     manifest, path = compile_checkpoint(source, target, precision, out_dir, _command_line(),
-                                        tokenizer_path=tokenizer_path, tp=tp, force=force, log=click.echo,
+                                        tokenizer_path=tokenizer_path, tp=tp, force=force, log=_echo,
                                         quant=quant)
     total = sum(s.bytes for s in manifest.shards)
-    click.echo(f"wrote {path} ({len(manifest.shards)} shard(s), {total / 1e9:.2f} GB)")
-    click.echo(f"compile: {resources_summary(manifest.resources)}")
+    _echo(f"wrote {path} ({len(manifest.shards)} shard(s), {total / 1e9:.2f} GB)")
+    _echo(f"compile: {resources_summary(manifest.resources)}")
 
 
 @cli.command("run")
@@ -153,7 +166,7 @@ def run_cmd(artifact, data, limit, output, bos, device, batch_tokens, engine, co
 
     run(RunConfig(artifact, data, limit, output, bos, device, batch_tokens, engine, compile_, row_len,
                   exclude_calibration, layout),
-        _command_line(), echo=click.echo)
+        _command_line(), echo=_echo)
 
 
 @cli.command("bench")
@@ -262,40 +275,40 @@ def inspect_cmd(artifact, verify, as_json):
         doc = {"manifest": dataclasses.asdict(m), "manifest_sha256": manifest_sha256(artifact)}
         if checked is not None:
             doc["verified"] = checked
-        click.echo(json.dumps(doc, indent=2))
+        click.echo(json.dumps(doc, indent=2))  # json escapes every control character
         return
     a = m.model
-    click.echo(f"artifact   {artifact} (format v{m.format_version}, manifest sha256 {manifest_sha256(artifact)[:16]})")
-    click.echo(f"model      {m.model_name}: dim {a.dim}, {a.n_layers} layers, {a.n_heads} heads "
+    _echo(f"artifact   {artifact} (format v{m.format_version}, manifest sha256 {manifest_sha256(artifact)[:16]})")
+    _echo(f"model      {m.model_name}: dim {a.dim}, {a.n_layers} layers, {a.n_heads} heads "
                f"({a.kv_heads} kv), ffn {a.ffn_dim}, vocab {a.vocab_size}, rope_theta {a.rope_theta:g}, "
                f"{a.n_params() / 1e9:.3f}B params")
-    click.echo(f"target     {m.target}, precision {m.precision}")
-    click.echo(f"mapping    tp={m.mapping.tp} dp={m.mapping.dp} world={m.mapping.world_size}")
-    click.echo(f"plan       {m.plan}")
+    _echo(f"target     {m.target}, precision {m.precision}")
+    _echo(f"mapping    tp={m.mapping.tp} dp={m.mapping.dp} world={m.mapping.world_size}")
+    _echo(f"plan       {m.plan}")
     for s in m.shards:
         counts = ", ".join(f"{n:,} {d}" for d, n in sorted(s.params_by_dtype.items()))
-        click.echo(f"shard      {s.file}: tp rank {s.tp_rank}, {s.bytes / 1e6:,.1f} MB, {counts}, sha256 {s.sha256[:16]}")
+        _echo(f"shard      {s.file}: tp rank {s.tp_rank}, {s.bytes / 1e6:,.1f} MB, {counts}, sha256 {s.sha256[:16]}")
     t = m.tokenizer
-    click.echo(f"tokenizer  {t.file} ({t.kind}), bos {t.bos_id} eos {t.eos_id}, add_bos {t.add_bos}")
+    _echo(f"tokenizer  {t.file} ({t.kind}), bos {t.bos_id} eos {t.eos_id}, add_bos {t.add_bos}")
     if m.quantization is not None:
         q = m.quantization
         fast = ", fast accumulation" if q.get("fast_accumulation") else ""
-        click.echo(f"quantized  {q.get('name')} (scheme v{q.get('version')}{fast}), block linears; "
+        _echo(f"quantized  {q.get('name')} (scheme v{q.get('version')}{fast}), block linears; "
                    f"embeddings/norms/LM head and compute in {m.compute_dtype}")
     if m.calibration is not None:
         c = m.calibration
-        click.echo(f"calibrated {c.get('n_items')} items of {c.get('source')} ({c.get('split')}, seed {c.get('seed')}, "
+        _echo(f"calibrated {c.get('n_items')} items of {c.get('source')} ({c.get('split')}, seed {c.get('seed')}, "
                    f"{c.get('n_tokens')} tokens); statistics in {c.get('file')}"
                    + (f", reused from {c['reused_from']}" if c.get("reused_from") else ""))
     if m.quantization is not None:
         sm = m.smoothing
         if sm is None:
-            click.echo("smoothing  none (--no-smooth)")
+            _echo("smoothing  none (--no-smooth)")
         else:
             per = ", ".join("none" if a is None else f"{a:g}" for a in sm.get("per_layer", []))
-            click.echo(f"smoothing  alpha {sm.get('alpha')}: per layer [{per}]")
+            _echo(f"smoothing  alpha {sm.get('alpha')}: per layer [{per}]")
     if m.quant_report and not m.quant_report.get("per_linear") and (m.calibration or {}).get("reused_from"):
-        click.echo("quant err  no per-linear report (calibration reused: its sample rows are not kept)")
+        _echo("quant err  no per-linear report (calibration reused: its sample rows are not kept)")
     if m.quant_report and m.quant_report.get("per_linear"):
         per_layer: dict = {}
         for name, r in m.quant_report["per_linear"].items():
@@ -304,26 +317,45 @@ def inspect_cmd(artifact, verify, as_json):
             cells = "  ".join(f"{n.split('.')[-1]} {r['sqnr_db'] if r['sqnr_db'] is not None else 'inf'} dB"
                               for n, r in rows)
             worst = max(r["rel_error"] for _, r in rows)
-            click.echo(f"quant err  layer {i}: SQNR {cells}; max rel error {worst:.4f}")
+            _echo(f"quant err  layer {i}: SQNR {cells}; max rel error {worst:.4f}")
     if m.quant_report and m.quant_report.get("check"):
-        click.echo(f"check      {check_summary(m.quant_report['check'])}")
+        _echo(f"check      {check_summary(m.quant_report['check'])}")
     p = m.provenance
-    click.echo(f"source     {p.source_format} {p.source_path} (sha256 {p.source_sha256[:16]})")
-    click.echo(f"built      {p.created_utc} by hsc {p.toolchain_version}: {p.command}")
+    _echo(f"source     {p.source_format} {p.source_path} (sha256 {p.source_sha256[:16]})")
+    _echo(f"built      {p.created_utc} by hsc {p.toolchain_version}: {p.command}")
     if m.resources is not None:
-        click.echo(f"resources  {resources_summary(m.resources)}")
+        _echo(f"resources  {resources_summary(m.resources)}")
     if checked is not None:
-        click.echo(f"verified   {len(checked)} files: all sha256 match")
+        _echo(f"verified   {len(checked)} files: all sha256 match")
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt, so that the same clean-up runs
+    (a compile's temporary directory is removed) before hsc exits."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
 
 
 def main() -> None:
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        _main()
+    except (KeyboardInterrupt, Terminated):  # a second one, while the first was being reported
+        sys.exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main() -> None:
     try:
         cli(standalone_mode=False)
     except HscError as e:
-        click.echo(f"hsc: error: {e}", err=True)
+        click.echo(f"hsc: error: {printable(e)}", err=True)
         sys.exit(1)
     except click.exceptions.Abort:
-        click.echo("hsc: aborted", err=True)
+        click.echo("hsc: interrupted", err=True)  # click turns Ctrl-C into Abort
         sys.exit(130)
     except click.ClickException as e:
         e.show()
@@ -331,6 +363,13 @@ def main() -> None:
     except KeyboardInterrupt:
         click.echo("hsc: interrupted", err=True)
         sys.exit(130)
+    except Terminated:
+        click.echo("hsc: terminated", err=True)
+        sys.exit(143)
+    except OSError as e:  # the machine's fault, not the input's (a full disk, a vanished mount): one line
+        where = f"{e.filename}: " if e.filename else ""
+        click.echo(f"hsc: error: {printable(where)}{e.strerror or printable(e)}", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,18 @@
 """`hsc compile`: checkpoint -> plan -> artifact directory.
 
 The artifact is written into a temporary sibling directory and renamed only when every file is
-complete, so a failed compile leaves nothing behind that looks like an artifact. A quantized
+complete, so a failed compile leaves nothing behind that looks like an artifact (toolchain/outdir.py,
+docs/durability.md). A quantized
 artifact that fails the `--max-drop` check is a failed compile: it is removed the same way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -19,9 +20,11 @@ import torch
 from runtime.config import (FORMAT_VERSION, MANIFEST_NAME, PRECISION_DTYPES, QUANTIZED_PRECISIONS, LAYER_TENSORS,
                             Manifest, Provenance, ShardFile, TokenizerInfo, global_shapes, layer_shapes)
 from runtime.errors import HscError, file_error
+from runtime.paths import regular_file
 from runtime.quant import scheme_for
 from toolchain import __version__
 from toolchain.hashing import combined_sha256
+from toolchain.outdir import clear_leftovers, commit, make_temp, output_lock, write_error
 from toolchain.resources import ResourceMonitor
 from toolchain.safetensors_writer import StreamingSafetensorsWriter
 from toolchain.shard import shard_shape, shard_tensor
@@ -51,7 +54,8 @@ def open_source(source: str | Path, tokenizer_path: Path | None = None) -> Model
     path = Path(source)
     if path.is_dir():
         return MetaSource(path, tokenizer_path=tokenizer_path)
-    if path.suffix == ".gguf" and path.is_file():
+    if path.suffix == ".gguf" and path.exists():
+        regular_file(path)  # a FIFO would block the reader forever
         if tokenizer_path is not None:
             raise HscError(f"{tokenizer_path}: --tokenizer is for Meta checkpoints; a GGUF embeds its own")
         from toolchain.gguf_source import GGUFSource  # needs the gguf package, which Meta checkpoints do not
@@ -115,11 +119,7 @@ def write_artifact(src: ModelSource, plan: Plan, target: str, out_dir: Path, com
         except ValueError as e:
             raise HscError(str(e)) from None
         check_quant_shapes(src, scheme, tp)
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    except OSError as e:  # the parent is a file, or not writable
-        raise file_error(out_dir.parent, f"cannot create the artifact directory here ({e.strerror or e})") from None
+    tmp = make_temp(out_dir)
     writers: list[StreamingSafetensorsWriter] = []
     try:
         tok = src.tokenizer
@@ -190,15 +190,14 @@ def write_artifact(src: ModelSource, plan: Plan, target: str, out_dir: Path, com
             resources=monitor.snapshot(),
         )
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())
-        tmp.chmod(0o755)  # mkdtemp makes it private; an artifact is meant to be shared
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+        commit(tmp, out_dir)
         return manifest
-    except BaseException:
+    except BaseException as e:
         for w in writers:
             w.abort()
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):  # a full disk, a vanished mount: one line, and nothing was written
+            raise write_error(out_dir, e) from None
         raise
 
 
@@ -206,10 +205,15 @@ def compile_checkpoint(source: str | Path, target_name: str, precision: str, out
                        command: str, tokenizer_path: Path | None = None, tp: int | None = None,
                        force: bool = False, log=print, quant: QuantOptions | None = None) -> tuple[Manifest, Path]:
     target = get_target(target_name)
-    with ResourceMonitor() as monitor, open_source(source, tokenizer_path) as src:
+    with ResourceMonitor() as monitor, contextlib.ExitStack() as held:
+        if out_dir is not None:  # one compile to an output at a time; known early, locked early
+            held.enter_context(output_lock(out_dir))
+        src = held.enter_context(open_source(source, tokenizer_path))
         plan = make_plan(src.args, target, precision, tp=tp)
         if out_dir is None:
             out_dir = Path("artifacts") / f"{_slug(src.model_name)}-{target.name}-{plan.precision}"
+            held.enter_context(output_lock(out_dir))
+        clear_leftovers(out_dir, log)
         if out_dir.exists() and not out_dir.is_dir():
             raise file_error(out_dir, "exists and is not a directory (--force replaces only an artifact directory)")
         if out_dir.exists() and not force:

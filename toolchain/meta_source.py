@@ -24,6 +24,7 @@ import torch
 
 from runtime.config import ModelArgs, global_shapes, layer_shapes, weight_names
 from runtime.errors import file_error
+from runtime.paths import confined, regular_file
 from toolchain.hashing import file_digests
 from toolchain.source import ModelSource, TokenizerSource
 
@@ -61,7 +62,7 @@ class MetaSource(ModelSource):
         if not self.path.is_dir():
             raise file_error(self.path, "not a directory (a Meta checkpoint is a directory with params.json)")
         self.model_name = self.path.resolve().name
-        args = ModelArgs.from_params_json(self.path / "params.json")
+        args = ModelArgs.from_params_json(confined(self.path, "params.json", "checkpoint"))
 
         tok_file = self._find_tokenizer(tokenizer_path)
         self.tokenizer = _read_sentencepiece(tok_file)
@@ -97,12 +98,13 @@ class MetaSource(ModelSource):
     def _find_tokenizer(self, explicit: Path | None) -> Path:
         # An explicit path wins: it is how a user overrides whatever sits beside the weights.
         if explicit is not None:
-            if not Path(explicit).is_file():
-                raise file_error(explicit, "tokenizer not found")
-            return Path(explicit)
-        for candidate in (self.path / "tokenizer.model", self.path.resolve().parent / "tokenizer.model"):
-            if candidate.is_file():
-                return candidate
+            return regular_file(Path(explicit), missing="tokenizer not found")
+        if (self.path / "tokenizer.model").exists() or (self.path / "tokenizer.model").is_symlink():
+            return confined(self.path, "tokenizer.model", "checkpoint")
+        # LLaMA-1 keeps one tokenizer beside all model sizes, in the directory above them.
+        beside = self.path.resolve().parent / "tokenizer.model"
+        if beside.exists():
+            return regular_file(beside)
         raise file_error(
             self.path, "no tokenizer.model here or in the parent directory; pass the tokenizer's path"
         )
@@ -111,7 +113,7 @@ class MetaSource(ModelSource):
         found = {}
         for p in self.path.iterdir():
             if m := SHARD_RE.fullmatch(p.name):
-                found[int(m.group(1))] = p
+                found[int(m.group(1))] = confined(self.path, p.name, "checkpoint")  # no FIFO, no symlink out
         if not found:
             raise file_error(self.path, "no consolidated.NN.pth weight files")
         n = max(found) + 1
@@ -126,8 +128,9 @@ class MetaSource(ModelSource):
 
     def _read_checklist(self) -> dict[str, str]:
         path = self.path / CHECKLIST
-        if not path.is_file():
+        if not path.exists() and not path.is_symlink():
             return {}
+        confined(self.path, CHECKLIST, "checkpoint")
         expected = {}
         for lineno, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
             if not line.strip():
@@ -135,8 +138,9 @@ class MetaSource(ModelSource):
             parts = line.split(maxsplit=1)
             if len(parts) != 2 or not re.fullmatch(r"[0-9a-fA-F]{32}", parts[0]):
                 raise file_error(path, f"line {lineno}: expected '<md5>  <file name>', got {line!r}")
-            name = parts[1].strip().lstrip("*")  # md5sum marks binary mode with '*'
-            expected[name.removeprefix("./")] = parts[0].lower()
+            name = parts[1].strip().lstrip("*").removeprefix("./")  # md5sum marks binary mode with '*'
+            confined(self.path, name, f"checkpoint ({CHECKLIST} line {lineno})", must_exist=False)
+            expected[name] = parts[0].lower()
         return expected
 
     def _hash_and_verify(self, tok_file: Path) -> dict[str, str]:

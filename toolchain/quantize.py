@@ -247,8 +247,7 @@ def reuse_calibration(src: ModelSource, opts: QuantOptions, source: str, add_bos
     calib = load_manifest(artifact).calibration
     if not calib or not calib.get("file"):
         raise file_error(artifact, "holds no calibration statistics (only quantized artifacts do)")
-    verify_file(artifact, calib["file"], calib.get("sha256"), calib.get("bytes"))  # as inspect --verify does
-    path = artifact / calib["file"]
+    path = verify_file(artifact, calib["file"], calib.get("sha256"), calib.get("bytes"))  # as inspect --verify does
     try:
         stats = CalibrationStats.load(path)
     except ValueError as e:

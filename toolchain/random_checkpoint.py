@@ -30,7 +30,6 @@ import math
 import os
 import pickle
 import shutil
-import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -42,6 +41,7 @@ from runtime.bench import SHAPES
 from runtime.config import LAYER_TENSORS, ModelArgs, global_shapes, layer_shapes
 from runtime.errors import HscError, file_error
 from toolchain.hashing import file_digests
+from toolchain.outdir import clear_leftovers, commit, make_temp, output_lock, write_error
 from toolchain.meta_source import CHECKLIST, SPLIT_AXIS, _read_sentencepiece
 
 # The axis each tensor is split on across model-parallel ranks (None: on every rank), LLaMA-1/2 style.
@@ -246,9 +246,18 @@ def write_random_checkpoint(out_dir: Path, args: ModelArgs, n_shards: int, token
         if free < n_shards * per_rank:  # found out before writing, not 60 GB in
             raise file_error(out_dir.parent, f"{free / 1e9:.1f} GB free, the checkpoint needs "
                                              f"{n_shards * per_rank / 1e9:.1f} GB")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     except OSError as e:
         raise file_error(out_dir.parent, f"cannot create the checkpoint directory here ({e.strerror or e})") from None
+    with output_lock(out_dir, "checkpoint"):
+        clear_leftovers(out_dir, log)
+        if out_dir.exists() and not (force and out_dir.is_dir()):
+            raise file_error(out_dir, "already exists (use --force to replace a directory)")
+        return _write(out_dir, args, n_shards, tokenizer, seed, dtype, checklist, shapes, fan_in, per_rank, log)
+
+
+def _write(out_dir: Path, args: ModelArgs, n_shards: int, tokenizer: Path, seed: int, dtype, checklist: bool,
+           shapes: dict, fan_in: dict, per_rank: int, log) -> Path:
+    tmp = make_temp(out_dir, "checkpoint")
     try:
         # Meta's LLaMA-1/2 params.json says vocab_size -1: the tokenizer decides.
         (tmp / "params.json").write_text(json.dumps({**args.params_json(), "vocab_size": -1}))
@@ -256,7 +265,7 @@ def write_random_checkpoint(out_dir: Path, args: ModelArgs, n_shards: int, token
         head_dim = args.head_dim
         freqs = 1.0 / (args.rope_theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
         log(f"{n_shards} shard(s) of {per_rank / 1e9:.2f} GB: {args.n_layers} layers, dim {args.dim}, "
-            f"{args.n_heads} heads ({args.kv_heads} kv), ffn {args.ffn_dim}, vocab {vocab}, "
+            f"{args.n_heads} heads ({args.kv_heads} kv), ffn {args.ffn_dim}, vocab {args.vocab_size}, "
             f"{str(dtype).removeprefix('torch.')}, seed {seed}")
         for rank in range(n_shards):
             name = f"consolidated.{rank:02d}.pth"
@@ -275,11 +284,10 @@ def write_random_checkpoint(out_dir: Path, args: ModelArgs, n_shards: int, token
         if checklist:
             files = ["params.json"] + [f"consolidated.{r:02d}.pth" for r in range(n_shards)]
             (tmp / CHECKLIST).write_text("".join(f"{file_digests(tmp / f, ('md5',))['md5']}  {f}\n" for f in files))
-        tmp.chmod(0o755)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+        commit(tmp, out_dir)
         return out_dir
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise write_error(out_dir, e) from None
         raise
