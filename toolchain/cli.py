@@ -42,7 +42,8 @@ def cli():
 @click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path),
               help="artifact directory [default: artifacts/<model>-<target>-<precision>]")
 @click.option("--tokenizer", "tokenizer_path", type=click.Path(path_type=Path),
-              help="tokenizer.model for a Meta checkpoint that lacks one beside it")
+              help="tokenizer.model (or a GGUF's tokenizer.json) for a Meta checkpoint that lacks one beside it, "
+                   "or in place of a GGUF's embedded tokenizer")
 @click.option("--tp", type=int, default=None, help="force a tensor-parallel degree (default: planned)")
 @click.option("--force", is_flag=True, help="replace an existing artifact directory")
 @click.option("--calib-data", default=None,
@@ -68,7 +69,7 @@ def cli():
                    "checkpoint (no calibration pass); needs --alpha A or --no-smooth")
 def compile_cmd(source, target, precision, out_dir, tokenizer_path, tp, force, calib_data, calib_items,
                 calib_seed, alpha, no_smooth, device, check_items, max_drop, fast_accum, calibration_from):
-    """Compile SOURCE (a Meta checkpoint directory, a .gguf file, or `smollm2`) for TARGET."""
+    """Compile SOURCE (a Meta or Hugging Face checkpoint directory, a .gguf file, or `smollm2`) for TARGET."""
     from runtime.quant import scheme_for
     from toolchain.compile import QuantOptions, compile_checkpoint
 
