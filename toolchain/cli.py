@@ -219,9 +219,12 @@ def _llama_tokenizer(path: Path | None) -> Path:
 @cli.command("random-checkpoint")
 @click.option("--shape", default="llama-30b", show_default=True,
               help="llama-30b, llama-7b, or the path of a Meta params.json")
+@click.option("--layout", type=click.Choice(["meta", "hf"]), default="meta", show_default=True,
+              help="meta: params.json + consolidated.NN.pth; hf: Hugging Face's config.json + "
+                   "model-0000k-of-0000n.safetensors + index")
 @click.option("--shards", type=int, default=None,
-              help="model-parallel shards, consolidated.00..NN.pth [default: Meta's: llama-30b 4, llama-7b 1, "
-                   "a params.json 1]")
+              help="meta: model-parallel shards, consolidated.00..NN.pth [default: Meta's: llama-30b 4, llama-7b 1, "
+                   "a params.json 1]; hf: safetensors files [default: 5 GB each]")
 @click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path), required=True,
               help="checkpoint directory to create")
 @click.option("--layers", type=int, default=None, help="use fewer layers than the shape has")
@@ -231,17 +234,24 @@ def _llama_tokenizer(path: Path | None) -> Path:
 @click.option("--checklist/--no-checklist", default=True, show_default=True,
               help="write checklist.chk (MD5 of params.json and every shard, as Meta ships)")
 @click.option("--force", is_flag=True, help="replace an existing directory")
-def random_checkpoint_cmd(shape, shards, out_dir, layers, seed, tokenizer_path, checklist, force):
-    """Write random fp16 weights of a LLaMA shape in Meta's checkpoint layout (for measuring the compiler)."""
-    from toolchain.random_checkpoint import META_SHARDS, resolve_shape, write_random_checkpoint
+def random_checkpoint_cmd(layout, shape, shards, out_dir, layers, seed, tokenizer_path, checklist, force):
+    """Write random fp16 weights of a LLaMA shape in Meta's (or Hugging Face's) checkpoint layout, for
+    measuring the compiler."""
+    from toolchain.random_checkpoint import (META_SHARDS, resolve_shape, write_random_checkpoint,
+                                             write_random_hf_checkpoint)
 
     args = resolve_shape(shape)
     if layers is not None:
         if not 1 <= layers <= args.n_layers:
             raise HscError(f"--layers {layers}: choose 1..{args.n_layers}")
         args = dataclasses.replace(args, n_layers=layers)
-    n = META_SHARDS.get(shape, 1) if shards is None else shards
     tok = _llama_tokenizer(tokenizer_path)
+    if layout == "hf":
+        path = write_random_hf_checkpoint(out_dir, args, tok, shards, seed=seed, force=force, log=click.echo)
+        files = list(path.glob("model-*.safetensors"))
+        click.echo(f"wrote {path} ({len(files)} file(s), {sum(f.stat().st_size for f in files) / 1e9:.2f} GB)")
+        return
+    n = META_SHARDS.get(shape, 1) if shards is None else shards
     path = write_random_checkpoint(out_dir, args, n, tok, seed=seed, checklist=checklist, force=force,
                                    log=click.echo)
     total = sum(f.stat().st_size for f in path.glob("consolidated.*.pth"))
