@@ -35,7 +35,9 @@ def cli():
 
 @cli.command("compile")
 @click.argument("source")
-@click.option("--target", required=True, help=f"one of: {', '.join(TARGETS)}")
+@click.option("--target", required=True,
+              help=f"one of: {', '.join(TARGETS)}; auto (this machine's GPUs, or the CPU); or a spec "
+                   "<gpu>[-<mem>gb]x<count>, e.g. h100-80gbx2, a100-40gbx4, l40sx1, sm89-48gbx2 (docs/distributed.md)")
 @click.option("--precision", default="auto", show_default=True,
               help="auto (float: bf16/fp16/fp32 per target), fp32, bf16, fp16, or quantized: fp8 (sm_89+), "
                    "int8 (sm_80+), w8 (int8 weights, any GPU and cpu)")
@@ -46,6 +48,9 @@ def cli():
                    "or in place of a GGUF's embedded tokenizer")
 @click.option("--tp", type=int, default=None, help="force a tensor-parallel degree (default: planned)")
 @click.option("--force", is_flag=True, help="replace an existing artifact directory")
+@click.option("--dry-run", is_flag=True,
+              help="print the plan and the files it would write, with sizes, from the checkpoint's metadata alone "
+                   "(no weight is read, nothing is written)")
 @click.option("--calib-data", default=None,
               help="quantized precisions: HellaSwag items to calibrate on, as hsc run --data [default: as hsc run]")
 @click.option("--calib-items", type=int, default=None, help="quantized: calibration items [default: 512]")
@@ -67,7 +72,7 @@ def cli():
 @click.option("--calibration-from", type=click.Path(path_type=Path), default=None,
               help="quantized: reuse the calibration statistics of an earlier quantized artifact of the same "
                    "checkpoint (no calibration pass); needs --alpha A or --no-smooth")
-def compile_cmd(source, target, precision, out_dir, tokenizer_path, tp, force, calib_data, calib_items,
+def compile_cmd(source, target, precision, out_dir, tokenizer_path, tp, force, dry_run, calib_data, calib_items,
                 calib_seed, alpha, no_smooth, device, check_items, max_drop, fast_accum, calibration_from):
     """Compile SOURCE (a Meta or Hugging Face checkpoint directory, a .gguf file, or `smollm2`) for TARGET."""
     from runtime.quant import scheme_for
@@ -105,7 +110,9 @@ def compile_cmd(source, target, precision, out_dir, tokenizer_path, tp, force, c
                              fast_accum=fast_accum, calibration_from=calibration_from)
     manifest, path = compile_checkpoint(source, target, precision, out_dir, _command_line(),
                                         tokenizer_path=tokenizer_path, tp=tp, force=force, log=click.echo,
-                                        quant=quant)
+                                        quant=quant, dry_run=dry_run)
+    if manifest is None:  # --dry-run: planned_files said it all
+        return
     total = sum(s.bytes for s in manifest.shards)
     click.echo(f"wrote {path} ({len(manifest.shards)} shard(s), {total / 1e9:.2f} GB)")
     click.echo(f"compile: {resources_summary(manifest.resources)}")

@@ -25,6 +25,7 @@ bookkeeping: use_cache, initializer_range, ...) do not change the forward pass a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from pathlib import Path
@@ -263,8 +264,12 @@ class HFSource(ModelSource):
         self.tokenizer, tok_file = _read_tokenizer(self.path, cfg)
         self._files = self._weight_files()
         self._entries = self._check_layout()
-        self.source_digests = {f.name: sha256_file(f)
-                               for f in [self.path / CONFIG, *self._files, tok_file]}
+        self._hashed = [self.path / CONFIG, *self._files, tok_file]
+
+    @functools.cached_property
+    def source_digests(self) -> dict[str, str]:
+        """Hashed when the manifest asks (a dry run never does)."""
+        return {f.name: sha256_file(f) for f in self._hashed}
 
     # ---- ModelSource ----
 
