@@ -225,7 +225,7 @@ SP_ARGS = ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=3200
 def test_sentencepiece_vocab_rebuilt_as_the_real_tokenizer(tmp_path, shared_data):
     """The real LLaMA tokenizer.model's pieces/scores/types written into a GGUF and rebuilt: the same
     token ids as the original on HellaSwag contexts and context+ending strings (the full set:
-    tools/tokenizer_fidelity.py), byte fallback included."""
+    docs/profiling/tokenizer_fidelity.py), byte fallback included."""
     import sentencepiece as spm
 
     from runtime.hellaswag import load_six_line
