@@ -133,12 +133,9 @@ case "${1:-}" in
     grep -q "  DONE$" "$LOG"
     ;;
   wait)
-    for _ in $(seq 1 "${2:-560}"); do
-      grep -q "  DONE$\|  FAILED$" "$LOG" && break
-      sleep 1
-    done
-    cp "$LOG" "$OUT/log.txt"
-    tail -n "${3:-25}" "$LOG"
+    # shellcheck source=docs/profiling/wait_log.sh
+    . "$(dirname "$0")/wait_log.sh"
+    wait_log "$LOG" "$OUT" "${2:-560}" "${3:-25}"
     ;;
   *)
     echo "usage: bash docs/profiling/hf_checks.sh start|steps [smol|nproc|30b|all] | wait [SECONDS [LINES]]" >&2
