@@ -21,6 +21,11 @@ import torch  # noqa: E402
 
 
 def main(gguf: Path, out: Path) -> None:
+    import importlib.util
+
+    missing = [m for m in ("transformers", "accelerate", "gguf") if importlib.util.find_spec(m) is None]
+    if missing:  # transformers asks for accelerate only once the GGUF is half loaded
+        sys.exit(f"gguf_to_hf.py: needs {', '.join(missing)} (pip install, or carry the wheels)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
