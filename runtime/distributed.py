@@ -2,9 +2,9 @@
 
 The artifact fixes the tensor-parallel degree `tp` (its rank files); the number of processes is the
 launch's: any multiple of `tp`, one per GPU (or one per CPU process with `--device cpu`), each further
-group of `tp` a data-parallel replica. The manifest's `Mapping(tp, dp)` is the plan for its target. Ranks are laid out group by group: tensor-parallel
-group d holds the consecutive ranks [d*tp, (d+1)*tp), so rank r has tp_rank = r % tp and
-dp_rank = r // tp. A rank loads only `rank{tp_rank}.safetensors`. Global rank 0 writes the results.
+group of `tp` a data-parallel replica. The manifest's `Mapping(tp, dp)` is the plan for its target.
+Ranks are laid out group by group: tensor-parallel group d holds the consecutive ranks
+[d*tp, (d+1)*tp), so rank r has tp_rank = r % tp and dp_rank = r // tp. A rank loads only `rank{tp_rank}.safetensors`. Global rank 0 writes the results.
 
 Processes come from torchrun (`python -m torch.distributed.run`, or `hsc run ART --nproc N`, which
 re-launches itself under it); its environment (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
