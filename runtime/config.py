@@ -155,7 +155,7 @@ class TokenizerInfo:
 @dataclass(frozen=True)
 class Provenance:
     source_path: str
-    source_format: str  # "meta" or "gguf"
+    source_format: str  # "meta", "hf" or "gguf"
     source_sha256: str  # over the source files, in a fixed order
     toolchain_version: str
     command: str

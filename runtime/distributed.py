@@ -1,9 +1,10 @@
 """Running one artifact as several processes: tensor-parallel groups x data-parallel replicas.
 
-The plan in the manifest (`Mapping(tp, dp)`) fixes the world size: `tp * dp` processes, one per GPU
-(or one per CPU process with `--device cpu`). Ranks are laid out group by group: tensor-parallel
-group d holds the consecutive ranks [d*tp, (d+1)*tp), so rank r has tp_rank = r % tp and
-dp_rank = r // tp. A rank loads only `rank{tp_rank}.safetensors`. Global rank 0 writes the results.
+The artifact fixes the tensor-parallel degree `tp` (its rank files); the number of processes is the
+launch's: any multiple of `tp`, one per GPU (or one per CPU process with `--device cpu`), each further
+group of `tp` a data-parallel replica. The manifest's `Mapping(tp, dp)` is the plan for its target.
+Ranks are laid out group by group: tensor-parallel group d holds the consecutive ranks
+[d*tp, (d+1)*tp), so rank r has tp_rank = r % tp and dp_rank = r // tp. A rank loads only `rank{tp_rank}.safetensors`. Global rank 0 writes the results.
 
 Processes come from torchrun (`python -m torch.distributed.run`, or `hsc run ART --nproc N`, which
 re-launches itself under it); its environment (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
@@ -209,8 +210,8 @@ def _launch_hint(manifest: Manifest, artifact) -> str:
 def setup(manifest: Manifest, device_name: str = "auto", artifact=None, warn=_warn) -> Dist:
     """Check the launch against the plan and the machine, then join the process group (if any).
 
-    Not under torchrun: one process, which the plan must allow (world size 1). Under torchrun:
-    WORLD_SIZE must equal the plan's world size. Every check runs before rendezvous and before
+    Not under torchrun: one process, which the artifact must allow (TP=1). Under torchrun: WORLD_SIZE
+    must be a multiple of TP; WORLD_SIZE / TP replicas. Every check runs before rendezvous and before
     any weight is read, and fails the same way on every rank, so nothing is left waiting."""
     artifact = artifact if artifact is not None else manifest.model_name
     m = manifest.mapping
@@ -219,22 +220,23 @@ def setup(manifest: Manifest, device_name: str = "auto", artifact=None, warn=_wa
     rank = _env_int("RANK", 0) if launched else 0
     local_rank = _env_int("LOCAL_RANK", 0) if launched else 0
     local_world = _env_int("LOCAL_WORLD_SIZE", world) if launched else 1
-    if launched and world != m.world_size:
-        raise HscError(f"{artifact}: started as {world} process{'es' if world != 1 else ''}, but its plan is "
-                       f"{_plan_text(manifest)}: launch exactly {m.world_size} "
-                       f"(`--nproc-per-node` x `--nnodes` = {m.world_size})")
+    if launched and world % m.tp:
+        raise HscError(f"{artifact}: started as {world} process{'es' if world != 1 else ''}, not a multiple of its "
+                       f"tensor-parallel degree TP={m.tp}: launch a multiple of {m.tp} "
+                       f"(`--nproc-per-node` x `--nnodes`; its plan: {_plan_text(manifest)})")
+    dp = world // m.tp  # the artifact fixes TP only: every further TP group is one more replica
 
     if launched and m.tp > 1 and local_world % m.tp and local_rank == 0:
         warn(f"{artifact}: {local_world} processes per machine do not hold whole TP={m.tp} groups, so "
              f"tensor-parallel all-reduces cross machines (slow); use --nproc-per-node a multiple of {m.tp}")
     device = resolve_device(manifest, device_name, artifact, local_rank, multi=world > 1, warn=warn)
-    gpus_needed = local_world if launched else m.world_size
+    gpus_needed = local_world if launched else m.tp
     check_machine(manifest, device, artifact, gpus_needed, tp_rank=rank % m.tp, local_rank=local_rank, warn=warn)
-    if not launched and m.world_size > 1:
-        raise HscError(f"{artifact}: plan {_plan_text(manifest)} needs {m.world_size} processes; "
-                       + _launch_hint(manifest, artifact))
+    if not launched and m.tp > 1:
+        raise HscError(f"{artifact}: its tensor-parallel degree TP={m.tp} needs {m.tp} processes (or a multiple: "
+                       f"data-parallel replicas; planned {_plan_text(manifest)}); " + _launch_hint(manifest, artifact))
 
-    d = Dist(rank=rank, world_size=world, tp=m.tp, dp=m.dp, tp_rank=rank % m.tp, dp_rank=rank // m.tp,
+    d = Dist(rank=rank, world_size=world, tp=m.tp, dp=dp, tp_rank=rank % m.tp, dp_rank=rank // m.tp,
              device=device, is_writer=rank == 0, local_rank=local_rank, local_world_size=local_world)
     if world == 1:
         return d
@@ -249,7 +251,7 @@ def setup(manifest: Manifest, device_name: str = "auto", artifact=None, warn=_wa
     d.backend = backend
     # new_group is collective: every rank creates every group, in the same order.
     if m.tp > 1:
-        for g in range(m.dp):
+        for g in range(dp):
             ranks = list(range(g * m.tp, (g + 1) * m.tp))
             group = dist.new_group(ranks=ranks)
             if rank in ranks:
@@ -354,19 +356,33 @@ def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
             "-m", "toolchain.cli", *strip_nproc(argv)]
 
 
+def _device_option(argv: list[str]) -> str:
+    """The value of `--device` in an `hsc run` command line (default auto)."""
+    for i, a in enumerate(argv):
+        if a == "--device" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--device="):
+            return a.split("=", 1)[1]
+    return "auto"
+
+
 def launch(artifact, nproc: int, argv: list[str]) -> int | None:
-    """Run `hsc run` as `nproc` local processes under torchrun; the exit status, or None when the
-    current process should just run (nproc 1 on a one-process plan)."""
+    """Run `hsc run` as `nproc` local processes under torchrun: nproc / TP data-parallel replicas of the
+    artifact's TP group. The exit status, or None when the current process should just run (nproc 1)."""
     if nproc < 1:
         raise HscError(f"--nproc {nproc}: must be at least 1")
     if under_torchrun():
         raise HscError("--nproc launches torchrun itself; under torchrun leave it out")
     manifest = load_manifest(Path(artifact))
-    want = manifest.mapping.world_size
-    if nproc != want:
-        raise HscError(f"{artifact}: --nproc {nproc}, but its plan is {_plan_text(manifest)}: use --nproc {want}")
+    tp = manifest.mapping.tp
+    if nproc % tp:
+        raise HscError(f"{artifact}: --nproc {nproc} is not a multiple of its tensor-parallel degree TP={tp}: use "
+                       f"--nproc {', '.join(str(tp * k) for k in (1, 2, 3))}, ... (planned: {_plan_text(manifest)})")
     if nproc == 1:
         return None
+    device = _device_option(argv)
+    if device != "cpu" and torch.cuda.is_available():  # the ranks would each refuse; say it once, before launching
+        check_machine(manifest, torch.device("cuda", 0), artifact, nproc)
     cmd = torchrun_command(nproc, argv)
     print(f"hsc: launching {nproc} processes: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
     return subprocess.call(cmd)

@@ -201,17 +201,33 @@ def test_clear_leftovers_restores_a_set_aside_artifact_and_spares_others(tmp_pat
     assert len(log) == 2
 
 
-def test_ctrl_c_during_start_up_is_one_line():
-    """SIGINT while torch is still being imported: exit 130, `hsc: interrupted`, no traceback."""
-    for delay in (0.6, 0.3, 0.15, 0.05):
-        proc = subprocess.Popen([sys.executable, "-m", "toolchain.cli", "--help"], cwd=REPO,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(delay)
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
-        if proc.returncode == 0:  # it was done before the signal came: try earlier
-            continue
-        assert proc.returncode == 130, err
-        assert err.strip() == "hsc: interrupted", err
-        return
-    pytest.fail("every run finished before its SIGINT")
+# A child that starts hsc as `python -m toolchain.cli --help` and touches MARKER when its import of torch
+# begins: the test interrupts it then, not after a guessed delay that a busy machine would outrun.
+_IMPORT_MARKER = """
+import importlib.abc, pathlib, runpy, sys
+MARKER = pathlib.Path(sys.argv[1])
+class Marker(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            MARKER.touch()
+            sys.meta_path.remove(self)
+        return None
+sys.meta_path.insert(0, Marker())
+sys.argv = ["hsc", "--help"]
+runpy.run_module("toolchain.cli", run_name="__main__")
+"""
+
+
+def test_ctrl_c_during_start_up_is_one_line(tmp_path):
+    """SIGINT while torch is being imported: exit 130, `hsc: interrupted`, no traceback."""
+    marker = tmp_path / "importing-torch"
+    proc = subprocess.Popen([sys.executable, "-c", _IMPORT_MARKER, str(marker)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    assert marker.exists(), "the child never began importing torch"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip() == "hsc: interrupted", err

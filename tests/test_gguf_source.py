@@ -215,3 +215,84 @@ def test_smollm2_layer(smollm2):
         assert t.shape == layer_shapes(smollm2.args)[name]
         assert torch.isfinite(t).all()
     assert layer["attention.wq.weight"].abs().mean() > 0
+
+
+# -- sentencepiece vocabularies (LLaMA-1/2 GGUFs from llama.cpp's converter) --------------------
+
+SP_ARGS = ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=32000, hidden_dim=96, max_seq_len=1024)
+
+
+def test_sentencepiece_vocab_rebuilt_as_the_real_tokenizer(tmp_path, shared_data):
+    """The real LLaMA tokenizer.model's pieces/scores/types written into a GGUF and rebuilt: the same
+    token ids as the original on HellaSwag contexts and context+ending strings (the full set:
+    docs/profiling/tokenizer_fidelity.py), byte fallback included."""
+    import sentencepiece as spm
+
+    from runtime.hellaswag import load_six_line
+    from tests.tiny_meta import TOKENIZER
+
+    path = tmp_path / "sp.gguf"
+    write_tiny_gguf(path, SP_ARGS, seed=0, vocab="llama", sentencepiece_model=TOKENIZER)
+    with GGUFSource(path) as src:
+        tok = src.tokenizer
+    assert (tok.kind, tok.bos_id, tok.eos_id, tok.add_bos, tok.vocab_size) == ("sentencepiece", 1, 2, True, 32000)
+    rebuilt = spm.SentencePieceProcessor(model_proto=tok.data)
+    real = spm.SentencePieceProcessor(model_file=str(TOKENIZER))
+    items = load_six_line(shared_data)[:1000]
+    texts = [t for it in items for t in (it.query, *(it.query + " " + e for e in it.endings))]
+    texts += ["byte fallback: \u2407 \U0001f600 \x01", "  two  spaces\n\ttab", ""]
+    assert rebuilt.EncodeAsIds(texts) == real.EncodeAsIds(texts)
+    assert 0x0A + 3 in rebuilt.EncodeAsIds("\n")  # <0x0A>: a byte piece
+
+
+def test_sentencepiece_gguf_end_to_end(tmp_path, hsc, shared_data):
+    import json
+
+    import sentencepiece as spm
+
+    from runtime.hellaswag import load_six_line
+    from tests.test_end_to_end import N_ITEMS, check_against_reference
+    from tests.tiny_meta import TOKENIZER
+
+    sd = write_tiny_gguf(tmp_path / "sp.gguf", SP_ARGS, seed=torch.seed() % 2**31, vocab="llama",
+                         sentencepiece_model=TOKENIZER)
+    assert hsc("compile", tmp_path / "sp.gguf", "--target", "cpu", "-o", tmp_path / "art")[0] == 0
+    assert (tmp_path / "art" / "tokenizer.model").is_file()
+    code, out, err = hsc("run", tmp_path / "art", "--data", shared_data, "--limit", N_ITEMS, "--output", tmp_path / "r")
+    assert code == 0, err
+    assert json.loads((tmp_path / "r" / "results.json").read_text())["bos"] is True
+    sp = spm.SentencePieceProcessor(model_file=str(TOKENIZER))
+    items = load_six_line(shared_data)[:N_ITEMS]
+    check_against_reference(tmp_path / "r", sd, SP_ARGS, items, sp.EncodeAsIds, bos=1)
+
+
+def test_tokenizer_option_for_a_gguf_without_one(tmp_path, hsc):
+    """The error says to pass --tokenizer, and the CLI takes it."""
+    from tests.tiny_meta import TOKENIZER
+
+    path = tmp_path / "bare.gguf"
+    write_tiny_gguf(path, SP_ARGS, seed=0, vocab="none")
+    code, _, err = hsc("compile", path, "--target", "cpu", "-o", tmp_path / "a")
+    assert code == 1 and err == f"hsc: error: {path}: has no embedded tokenizer; pass --tokenizer with the model's " \
+                                "tokenizer.model or tokenizer.json\n"
+    code, _, err = hsc("compile", path, "--target", "cpu", "--tokenizer", TOKENIZER, "-o", tmp_path / "a")
+    assert code == 0, err
+    assert (tmp_path / "a" / "tokenizer.model").read_bytes() == TOKENIZER.read_bytes()
+    code, _, err = hsc("compile", path, "--target", "cpu", "--tokenizer", tmp_path / "nope.model", "-o", tmp_path / "b")
+    assert code == 1 and err == f"hsc: error: {tmp_path / 'nope.model'}: tokenizer not found\n"
+
+
+def test_sentencepiece_vocab_without_scores(tmp_path):
+    from tests.tiny_meta import TOKENIZER
+
+    path = tmp_path / "sp.gguf"
+    write_tiny_gguf(path, SP_ARGS, seed=0, vocab="llama", sentencepiece_model=TOKENIZER)
+    data = bytearray(path.read_bytes())
+    key = b"tokenizer.ggml.scores"
+    at = data.find(key)
+    data[at:at + len(key)] = b"tokenizer.ggml.scorez"  # same length: the file stays readable
+    path.write_bytes(bytes(data))
+    with GGUFSource(path) as src, pytest.raises(HscError) as e:
+        src.tokenizer
+    assert str(e.value) == (f"{path}: tokenizer.ggml.scores is missing; a sentencepiece vocabulary needs one per "
+                            "token (32000); pass --tokenizer tokenizer.model")

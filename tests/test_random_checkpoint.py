@@ -143,6 +143,36 @@ def test_round_trip_through_meta_source(hsc, tmp_path, params):
     assert not torch.equal(full["layers.0.attention.wq.weight"], full["layers.1.attention.wq.weight"])
 
 
+def test_hf_layout_round_trip_through_hf_source(hsc, tmp_path, params):
+    """--layout hf: config.json, safetensors files + index, tokenizer files; HFSource reads it back, each
+    tensor its seeded draw (q/k un-permuted: a fixed row order of the same draw)."""
+    from toolchain.hf_source import HFSource, unpermute_rope_rows
+
+    out = tmp_path / "hf"
+    code, text, err = hsc("random-checkpoint", "--layout", "hf", "--shape", params, "--shards", 3, "--layers", 2,
+                          "--seed", 5, "-o", out, "--tokenizer", TOKENIZER)
+    assert code == 0, err
+    assert "wrote" in text and "3 file(s)" in text
+    files = [f"model-0000{k}-of-00003.safetensors" for k in (1, 2, 3)]
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["config.json", "model.safetensors.index.json", "tokenizer.model", "tokenizer_config.json", *files])
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".hf.tmp-")]
+    args = ModelArgs(**{**vars(TINY), "n_layers": 2, "vocab_size": 32000})
+    with HFSource(out) as src:
+        assert (src.args.dim, src.args.n_layers, src.args.kv_heads, src.args.ffn_dim, src.args.vocab_size) == \
+            (args.dim, 2, 2, args.ffn_dim, 32000)
+        assert src.tokenizer.add_bos is True and not src.tied
+        layer = src.layer_tensors(1)
+        glob = src.global_tensors()
+    shapes = layer_shapes(args)
+    wq = random_slice("layers.1.attention.wq.weight", 64, shapes["attention.wq.weight"], 5, 0, torch.float16)
+    assert torch.equal(layer["attention.wq.weight"], unpermute_rope_rows(wq, 4))
+    w2 = random_slice("layers.1.feed_forward.w2.weight", args.ffn_dim, shapes["feed_forward.w2.weight"], 5, 0, torch.float16)
+    assert torch.equal(layer["feed_forward.w2.weight"], w2)
+    assert torch.equal(glob["norm.weight"], torch.ones(64, dtype=torch.float16))
+    assert glob["output.weight"].shape == (32000, 64)
+
+
 def test_refusals_leave_nothing(hsc, tmp_path, params, monkeypatch):
     out = tmp_path / "ckpt"
     with monkeypatch.context() as m:  # a disk without room is found out before anything is written

@@ -230,9 +230,9 @@ def test_tp_that_does_not_split_the_model_is_refused_at_compile(built, hsc, tmp_
     assert not (tmp_path / "b").exists()
 
 
-def test_more_ranks_than_the_plan_is_refused_under_torchrun(built, tmp_path):
+def test_ranks_not_a_multiple_of_tp_are_refused_under_torchrun(built, tmp_path):
     art = built.arts["gqa"]["tp2"]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3",
                            "-m", "toolchain.cli", "run", art, "--data", built.data, "--limit", "8",
                            "--output", tmp_path / "res", "--device", "cpu"],
                           cwd=REPO, capture_output=True, text=True, timeout=120,
@@ -240,7 +240,8 @@ def test_more_ranks_than_the_plan_is_refused_under_torchrun(built, tmp_path):
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("hsc: error: ")]
     assert errors, proc.stderr
-    assert all(str(art) in e and "started as 4 processes" in e and "launch exactly 2" in e for e in errors), errors
+    assert all(str(art) in e and "started as 3 processes, not a multiple of its tensor-parallel degree TP=2" in e
+               for e in errors), errors
     assert not (tmp_path / "res").exists()
 
 
@@ -250,12 +251,46 @@ def test_launch_mismatches_are_refused_in_process(built, hsc, tmp_path):
     code, _, err = hsc("run", art, "--device", "cpu", "--data", built.data, "--limit", 8)
     assert code == 1 and len(err.splitlines()) == 2  # the --device cpu warning, then the error
     assert f"hsc run {art} --nproc 4" in err and "torchrun --nproc-per-node 4" in err
-    # --nproc that disagrees with the plan: refused before anything is launched.
-    code, _, err = hsc("run", art, "--device", "cpu", "--nproc", "2")
-    assert code == 1 and "--nproc 2" in err and "use --nproc 4" in err and len(err.splitlines()) == 1
+    # --nproc that is not a multiple of TP: refused before anything is launched.
+    code, _, err = hsc("run", art, "--device", "cpu", "--nproc", "3")
+    assert code == 1 and "--nproc 3 is not a multiple of its tensor-parallel degree TP=2" in err
+    assert "use --nproc 2, 4, 6" in err and len(err.splitlines()) == 1
     # A GPU-target artifact does not fall back to the CPU silently.
     code, _, err = hsc("run", art)
     assert code == 1 and "no CUDA device" in err and "--device cpu" in err
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_tp1_artifact_runs_with_any_nproc(built, tmp_path, nproc):
+    """The artifact fixes TP only: a TP=1 artifact compiled for the CPU (plan DP=1) runs as 1 process or as
+    2 data-parallel replicas (`hsc run --nproc 2`, torchrun, gloo) with the one-process run's results."""
+    out = tmp_path / "res"
+    proc = subprocess.run([sys.executable, "-m", "toolchain.cli", "run", built.arts["gqa"]["tp1"], "--data", built.data,
+                           "--limit", str(N_ITEMS), "--output", out, "--device", "cpu", "--batch-tokens",
+                           str(BATCH_TOKENS), "--nproc", str(nproc)],
+                          cwd=REPO, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert (results["world_size"], results["tp"], results["dp"]) == (nproc, 1, nproc)
+    assert_same_samples(read_samples(out), built.ref["gqa"])
+
+
+def test_a_dp_plan_runs_as_one_process(built, tmp_path):
+    """An artifact planned for two replicas (h200x2, TP=1 x DP=2) runs as one process too."""
+    out = tmp_path / "res"
+    run(RunConfig(built.arts["gqa"]["dp2"], str(built.data), N_ITEMS, out, device="cpu", batch_tokens=BATCH_TOKENS),
+        "test", echo=lambda *_: None)
+    assert json.loads((out / "results.json").read_text())["dp"] == 1
+    assert_same_samples(read_samples(out), built.ref["gqa"])
+
+
+def test_nproc_refused_when_the_gpus_lack_memory(built, hsc, monkeypatch, no_weights_read):
+    """--nproc checks the machine before launching: one line, no torchrun."""
+    fake_gpus(monkeypatch, 2, "NVIDIA H200", (9, 0), 0.5)
+    monkeypatch.setattr(subprocess, "call", lambda *a, **k: pytest.fail("launched torchrun"))
+    code, _, err = hsc("run", built.arts["gqa"]["tp2"], "--nproc", "2")
+    assert code == 1 and len(err.splitlines()) == 1 and "needs about" in err and "GPU 0" in err
 
 
 @pytest.mark.parametrize("engine", ["packed", "reference"])

@@ -73,6 +73,29 @@ def tiny_vocab(vocab_size: int) -> tuple[list[str], list[int], list[str]]:
     return tokens, [int(t) for t in types], [f"{a} {b}" for a, b in MERGES]
 
 
+def sentencepiece_vocab(model_file) -> tuple[list[str], list[float], list[int], tuple[int, int, int]]:
+    """(pieces, scores, token types, (unk, bos, eos)) of a sentencepiece model, read the way
+    llama.cpp's convert_hf_to_gguf.py (SentencePiece vocab) reads them."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    tokens, scores, types = [], [], []
+    for i in range(sp.vocab_size()):
+        kind = gguf.TokenType.NORMAL
+        if sp.IsUnknown(i):
+            kind = gguf.TokenType.UNKNOWN
+        elif sp.IsControl(i):
+            kind = gguf.TokenType.CONTROL
+        elif sp.IsUnused(i):
+            kind = gguf.TokenType.UNUSED
+        elif sp.IsByte(i):
+            kind = gguf.TokenType.BYTE
+        tokens.append(sp.IdToPiece(i))
+        scores.append(sp.GetScore(i))
+        types.append(int(kind))
+    return tokens, scores, types, (sp.unk_id(), sp.bos_id(), sp.eos_id())
+
+
 def _encode(name: str, x: np.ndarray, qtype: QT, writer: gguf.GGUFWriter) -> np.ndarray:
     """Write `x` ([out, in] float32) as `qtype`; return what a reader should get back."""
     if x.ndim == 1 or qtype == QT.F32:  # llama.cpp keeps norms in f32 whatever the file type
@@ -97,14 +120,18 @@ def write_tiny_gguf(
     pre: str | None = "smollm",
     add_bos: bool | None = None,
     name: str | None = "tiny-llama",
+    vocab: str = "gpt2",
+    sentencepiece_model=None,
 ) -> dict[str, torch.Tensor]:
     """Write a tiny llama GGUF at `path`; return its float32 tensors under Meta's names.
 
     Quantized types need every input dimension to be a multiple of 32 (the block size).
     `tied` leaves out output.weight; the returned dict then holds a copy of the embeddings there.
+    vocab: "gpt2" (the tiny byte-level BPE), "llama" (the pieces, scores and types of
+    `sentencepiece_model`, as llama.cpp's converter stores a sentencepiece vocabulary; vocab_size must be
+    its piece count) or "none" (no embedded tokenizer).
     """
     qtype = TENSOR_TYPES[tensor_type]
-    tokens, types, merges = tiny_vocab(args.vocab_size)
     gen = torch.Generator().manual_seed(seed)
 
     def rand(shape, norm=False):
@@ -126,14 +153,28 @@ def write_tiny_gguf(
     w.add_layer_norm_rms_eps(args.norm_eps)
     w.add_rope_dimension_count(args.head_dim)
     w.add_vocab_size(args.vocab_size)
-    w.add_tokenizer_model("gpt2")
-    if pre is not None:
-        w.add_tokenizer_pre(pre)
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-    w.add_bos_token_id(0)
-    w.add_eos_token_id(1)
+    if vocab == "gpt2":
+        tokens, types, merges = tiny_vocab(args.vocab_size)
+        w.add_tokenizer_model("gpt2")
+        if pre is not None:
+            w.add_tokenizer_pre(pre)
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_merges(merges)
+        w.add_bos_token_id(0)
+        w.add_eos_token_id(1)
+    elif vocab == "llama":
+        tokens, scores, types, (unk, bos, eos) = sentencepiece_vocab(sentencepiece_model)
+        assert len(tokens) == args.vocab_size, "vocab_size must be the sentencepiece model's piece count"
+        w.add_tokenizer_model("llama")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        w.add_unk_token_id(unk)
+        w.add_bos_token_id(bos)
+        w.add_eos_token_id(eos)
+    else:
+        assert vocab == "none", vocab
     if add_bos is not None:
         w.add_add_bos_token(add_bos)
 
@@ -158,4 +199,4 @@ def write_tiny_gguf(
     return {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in truth.items()}
 
 
-__all__ = ["write_tiny_gguf", "tiny_vocab", "bytes_to_unicode", "MIN_VOCAB", "TENSOR_TYPES", "BOS", "EOS"]
+__all__ = ["write_tiny_gguf", "sentencepiece_vocab", "tiny_vocab", "bytes_to_unicode", "MIN_VOCAB", "TENSOR_TYPES", "BOS", "EOS"]

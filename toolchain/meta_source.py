@@ -57,7 +57,9 @@ SPLIT_AXIS = {
 class MetaSource(ModelSource):
     source_format = "meta"
 
-    def __init__(self, path: Path, tokenizer_path: Path | None = None):
+    def __init__(self, path: Path, tokenizer_path: Path | None = None, verify: bool = True):
+        """verify=False: neither hashed nor checked against checklist.chk (no source_digests); for a
+        dry run, which reads no weight."""
         self.path = Path(path)
         if not self.path.is_dir():
             raise file_error(self.path, "not a directory (a Meta checkpoint is a directory with params.json)")
@@ -77,7 +79,8 @@ class MetaSource(ModelSource):
 
         self._shard_paths = self._find_shards()
         # Hash before unpickling: a damaged download is better reported as an MD5 mismatch.
-        self.source_digests = self._hash_and_verify(tok_file)
+        if verify:
+            self.source_digests = self._hash_and_verify(tok_file)
         # Keys, shapes and dtypes of every shard, checked up front (metadata only: nothing is read).
         self._axes = self._check_layout(self._open_shards())
 

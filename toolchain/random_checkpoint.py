@@ -1,4 +1,5 @@
-"""`hsc random-checkpoint`: a checkpoint of random weights in Meta's own layout, at a real model's shape.
+"""`hsc random-checkpoint`: a checkpoint of random weights in Meta's own layout (or Hugging Face's:
+write_random_hf_checkpoint), at a real model's shape.
 
 What a LLaMA download holds: params.json, one consolidated.NN.pth per model-parallel rank (torch.save
 of a dict, zip format, fp16), tokenizer.model and checklist.chk (MD5s). Every rank's file holds its
@@ -24,6 +25,7 @@ lists; docs/benchmarks.md, fourth session.)
 from __future__ import annotations
 
 import hashlib
+import contextlib
 import inspect
 import json
 import math
@@ -41,8 +43,9 @@ from runtime.bench import SHAPES
 from runtime.config import LAYER_TENSORS, ModelArgs, global_shapes, layer_shapes
 from runtime.errors import HscError, file_error
 from toolchain.hashing import file_digests
-from toolchain.outdir import clear_leftovers, commit, make_temp, output_lock, write_error
 from toolchain.meta_source import CHECKLIST, SPLIT_AXIS, _read_sentencepiece
+from toolchain.outdir import clear_leftovers, commit, make_temp, output_lock, write_error
+from toolchain.safetensors_writer import StreamingSafetensorsWriter
 
 # The axis each tensor is split on across model-parallel ranks (None: on every rank), LLaMA-1/2 style.
 SHARD_AXIS = {**SPLIT_AXIS, "tok_embeddings.weight": 1}
@@ -237,35 +240,15 @@ def write_random_checkpoint(out_dir: Path, args: ModelArgs, n_shards: int, token
     args = ModelArgs(**{**vars(args), "vocab_size": vocab})
     shapes = rank_shapes(args, n_shards)
     fan_in = {name: shape[-1] for name, shape in {**global_shapes(args), **layer_shapes(args)}.items()}
-    if out_dir.exists() and not (force and out_dir.is_dir()):
-        raise file_error(out_dir, "already exists (use --force to replace a directory)")
     per_rank = sum(math.prod(s) for s in shapes.values()) * dtype.itemsize
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        free = shutil.disk_usage(out_dir.parent).free
-        if free < n_shards * per_rank:  # found out before writing, not 60 GB in
-            raise file_error(out_dir.parent, f"{free / 1e9:.1f} GB free, the checkpoint needs "
-                                             f"{n_shards * per_rank / 1e9:.1f} GB")
-    except OSError as e:
-        raise file_error(out_dir.parent, f"cannot create the checkpoint directory here ({e.strerror or e})") from None
-    with output_lock(out_dir, "checkpoint"):
-        clear_leftovers(out_dir, log)
-        if out_dir.exists() and not (force and out_dir.is_dir()):
-            raise file_error(out_dir, "already exists (use --force to replace a directory)")
-        return _write(out_dir, args, n_shards, tokenizer, seed, dtype, checklist, shapes, fan_in, per_rank, log)
-
-
-def _write(out_dir: Path, args: ModelArgs, n_shards: int, tokenizer: Path, seed: int, dtype, checklist: bool,
-           shapes: dict, fan_in: dict, per_rank: int, log) -> Path:
-    tmp = make_temp(out_dir, "checkpoint")
-    try:
+    with _writing(out_dir, n_shards * per_rank, force, log) as tmp:
         # Meta's LLaMA-1/2 params.json says vocab_size -1: the tokenizer decides.
         (tmp / "params.json").write_text(json.dumps({**args.params_json(), "vocab_size": -1}))
         shutil.copyfile(tokenizer, tmp / "tokenizer.model")
         head_dim = args.head_dim
         freqs = 1.0 / (args.rope_theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
         log(f"{n_shards} shard(s) of {per_rank / 1e9:.2f} GB: {args.n_layers} layers, dim {args.dim}, "
-            f"{args.n_heads} heads ({args.kv_heads} kv), ffn {args.ffn_dim}, vocab {args.vocab_size}, "
+            f"{args.n_heads} heads ({args.kv_heads} kv), ffn {args.ffn_dim}, vocab {vocab}, "
             f"{str(dtype).removeprefix('torch.')}, seed {seed}")
         for rank in range(n_shards):
             name = f"consolidated.{rank:02d}.pth"
@@ -284,10 +267,130 @@ def _write(out_dir: Path, args: ModelArgs, n_shards: int, tokenizer: Path, seed:
         if checklist:
             files = ["params.json"] + [f"consolidated.{r:02d}.pth" for r in range(n_shards)]
             (tmp / CHECKLIST).write_text("".join(f"{file_digests(tmp / f, ('md5',))['md5']}  {f}\n" for f in files))
-        commit(tmp, out_dir)
-        return out_dir
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise write_error(out_dir, e) from None
-        raise
+    return out_dir
+
+
+# ---- Hugging Face layout ---------------------------------------------------------------------------------
+
+# transformers' names for Meta's, relative to `layers.{i}.` / `model.layers.{i}.`, in the order
+# save_pretrained lists a layer's tensors. Written out here, not imported from toolchain/hf_source.py:
+# the reader is tested against what this writes.
+_HF_LAYER = {
+    "attention_norm.weight": "input_layernorm.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+}
+HF_SHARD_BYTES = 5 * 10**9  # save_pretrained's default max_shard_size (transformers 4): "5GB"
+
+
+def hf_tensor_shapes(args: ModelArgs) -> dict[str, tuple[tuple[int, ...], str]]:
+    """HF name -> (shape, Meta name: the draw's seed) of every tensor, in save_pretrained's order (untied
+    LM head)."""
+    g, per_layer = global_shapes(args), layer_shapes(args)
+    out = {"model.embed_tokens.weight": (g["tok_embeddings.weight"], "tok_embeddings.weight")}
+    for i in range(args.n_layers):
+        out.update({f"model.layers.{i}.{hf}": (per_layer[meta], f"layers.{i}.{meta}") for meta, hf in _HF_LAYER.items()})
+    out["model.norm.weight"] = (g["norm.weight"], "norm.weight")
+    out["lm_head.weight"] = (g["output.weight"], "output.weight")
+    return out
+
+
+def _hf_files(shapes: dict, dtype: torch.dtype, n_files: int | None) -> list[list[str]]:
+    """The tensor names of each file: whole layers, in order, n_files files (default: <= 5 GB each)."""
+    sizes = {name: math.prod(shape) * dtype.itemsize for name, (shape, _) in shapes.items()}
+    n = n_files or max(1, math.ceil(sum(sizes.values()) / HF_SHARD_BYTES))
+    names = list(shapes)
+    bounds = [round(k * len(names) / n) for k in range(n + 1)]
+    return [names[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def hf_config_json(args: ModelArgs, dtype: torch.dtype) -> dict:
+    """config.json as transformers 4 writes it for a LLaMA-1 conversion."""
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.dim,
+            "intermediate_size": args.ffn_dim, "num_attention_heads": args.n_heads,
+            "num_key_value_heads": args.kv_heads, "num_hidden_layers": args.n_layers, "rms_norm_eps": args.norm_eps,
+            "rope_theta": args.rope_theta, "rope_scaling": None, "vocab_size": args.vocab_size,
+            "max_position_embeddings": args.max_seq_len, "tie_word_embeddings": False, "hidden_act": "silu",
+            "attention_bias": False, "mlp_bias": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None,
+            "initializer_range": 0.02, "pretraining_tp": 1, "use_cache": True,
+            "torch_dtype": str(dtype).removeprefix("torch.")}
+
+
+def write_random_hf_checkpoint(out_dir: Path, args: ModelArgs, tokenizer: Path, n_files: int | None = None,
+                               seed: int = 0, dtype: torch.dtype = torch.float16, force: bool = False,
+                               log=print) -> Path:
+    """Write config.json, model-0000k-of-0000n.safetensors + model.safetensors.index.json,
+    tokenizer.model (a copy of `tokenizer`) and tokenizer_config.json into out_dir, one tensor in memory
+    at a time (a few, drawn ahead), through a temporary sibling renamed when complete. The weights are
+    random, so HF's q/k row order needs no permuting."""
+    out_dir = Path(out_dir)
+    vocab = _read_sentencepiece(Path(tokenizer)).vocab_size
+    if args.vocab_size > 0 and args.vocab_size != vocab:
+        raise file_error(tokenizer, f"has {vocab} pieces; the shape's vocab_size is {args.vocab_size}")
+    args = ModelArgs(**{**vars(args), "vocab_size": vocab})
+    shapes = hf_tensor_shapes(args)
+    if n_files is not None and not 1 <= n_files <= len(shapes):
+        raise HscError(f"--shards {n_files}: choose 1..{len(shapes)} files")
+    files = _hf_files(shapes, dtype, n_files)
+    names = [f"model-{k + 1:05d}-of-{len(files):05d}.safetensors" for k in range(len(files))]
+    total = sum(math.prod(shape) for shape, _ in shapes.values()) * dtype.itemsize
+    with _writing(out_dir, total, force, log) as tmp:
+        (tmp / "config.json").write_text(json.dumps(hf_config_json(args, dtype), indent=2) + "\n")
+        shutil.copyfile(tokenizer, tmp / "tokenizer.model")
+        (tmp / "tokenizer_config.json").write_text(json.dumps(
+            {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
+             "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, indent=2) + "\n")
+        log(f"{len(files)} file(s), {total / 1e9:.2f} GB: {args.n_layers} layers, dim {args.dim}, {args.n_heads} "
+            f"heads ({args.kv_heads} kv), ffn {args.ffn_dim}, vocab {vocab}, {str(dtype).removeprefix('torch.')}, "
+            f"seed {seed}")
+
+        def make(name: str) -> torch.Tensor:
+            shape, meta = shapes[name]
+            return random_slice(meta, shape[-1], shape, seed, 0, dtype)
+
+        for file, chunk in zip(names, files):
+            t0 = time.perf_counter()
+            made = _MadeAhead(make, chunk, DRAW_AHEAD)
+            try:
+                w = StreamingSafetensorsWriter(tmp / file, [(n, shapes[n][0], dtype) for n in chunk], {"format": "pt"})
+                for name in chunk:
+                    w.write(name, made(name))
+                w.close()
+            finally:
+                made.close()
+            log(f"{file}: {(tmp / file).stat().st_size / 1e9:.2f} GB in {time.perf_counter() - t0:.1f} s")
+        index = {"metadata": {"total_size": total}, "weight_map": {n: f for f, chunk in zip(names, files) for n in chunk}}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return out_dir
+
+
+@contextlib.contextmanager
+def _writing(out_dir: Path, needed_bytes: int, force: bool, log):
+    """The temporary sibling to write a checkpoint into, under the output's lock, after checking that out_dir
+    may be (re)placed and that the disk has room; renamed into place when the block ends, removed if it raises."""
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(out_dir.parent).free
+    except OSError as e:
+        raise file_error(out_dir.parent, f"cannot create the checkpoint directory here ({e.strerror or e})") from None
+    if free < needed_bytes:  # found out before writing, not 60 GB in
+        raise file_error(out_dir.parent, f"{free / 1e9:.1f} GB free, the checkpoint needs {needed_bytes / 1e9:.1f} GB")
+    with output_lock(out_dir, "checkpoint"):
+        clear_leftovers(out_dir, log)
+        if out_dir.exists() and not (force and out_dir.is_dir()):
+            raise file_error(out_dir, "already exists (use --force to replace a directory)")
+        tmp = make_temp(out_dir, "checkpoint")
+        try:
+            yield tmp
+            commit(tmp, out_dir)
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, OSError):
+                raise write_error(out_dir, e) from None
+            raise

@@ -1,4 +1,4 @@
-"""What every checkpoint reader (Meta, GGUF) hands to the compiler.
+"""What every checkpoint reader (Meta, Hugging Face, GGUF) hands to the compiler.
 
 A reader resolves the model's hyper-parameters and tokenizer up front, then yields tensors one
 layer at a time, under Meta's names and in Meta's layout (interleaved RoPE for wq/wk), at full
@@ -31,7 +31,7 @@ class ModelSource(ABC):
     """A checkpoint opened for reading. Use as a context manager."""
 
     path: Path
-    source_format: str  # "meta" or "gguf"
+    source_format: str  # "meta", "hf" or "gguf"
     model_name: str
     args: ModelArgs  # vocab_size resolved (> 0)
     tokenizer: TokenizerSource

@@ -6,6 +6,7 @@ parallelism) and `dp` such groups each score a share of the items (data parallel
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from runtime.config import Mapping, ModelArgs, PRECISION_DTYPES, QUANTIZED_PRECISIONS
@@ -48,10 +49,12 @@ WEIGHT_MEMORY_FRACTION = 0.80
 
 
 def get_target(name: str) -> Target:
-    try:
+    """One of TARGETS, `auto` (this machine: machine_target) or a target spec (parse_target_spec)."""
+    if name in TARGETS:
         return TARGETS[name]
-    except KeyError:
-        raise HscError(f"unknown target {name!r}; known targets: {', '.join(TARGETS)}") from None
+    if name == "auto":
+        return machine_target()
+    return parse_target_spec(name)
 
 
 @dataclass(frozen=True)
@@ -160,3 +163,108 @@ def make_plan(args: ModelArgs, target: Target, requested_precision: str = "auto"
     raise HscError(f"target {target.name}: {size} does not fit: tensor-parallel degrees that divide "
                    f"{args.n_heads} heads/{args.kv_heads} kv heads and {target.n_gpus} GPUs are "
                    f"{valid or 'none'}, and none leaves the weights under {budget / GB:.1f} GB per GPU")
+
+
+# ---- Any GPU box: target specs and `--target auto` ----------------------------------------------------------
+#
+# A spec names GPUs by family and count, `<family>[-<mem>gb]x<count>` (h100-80gbx2, a100-40gbx4, l40sx1,
+# rtx4090x1), or by what the planner needs, `sm<major><minor>-<mem>gbx<count>` (sm89-48gbx2). The nine
+# TARGETS above keep their names; a spec that describes one of them gives that target.
+
+@dataclass(frozen=True)
+class GPUFamily:
+    gpu: str  # the name torch.cuda reports contains this (case-insensitive), e.g. "H100"
+    compute_capability: tuple[int, int]
+    mem_gib: tuple[float, ...]  # the memory sizes sold; the first is the default
+    tensor_core_dtypes: tuple[str, ...]
+
+
+def _dtypes_for(cc: tuple[int, int]) -> tuple[str, ...]:
+    """What the matrix units run natively: fp8 from Ada/Hopper (sm_89), bf16 and int8 from Ampere (sm_80)."""
+    if cc >= (8, 9):
+        return ("bf16", "fp16", "fp8", "int8")
+    if cc >= (8, 0):
+        return ("bf16", "fp16", "int8")
+    return ("fp16",)
+
+
+def _family(gpu: str, cc: tuple[int, int], *mem: float) -> GPUFamily:
+    return GPUFamily(gpu, cc, mem, _dtypes_for(cc))
+
+
+GPU_FAMILIES: dict[str, GPUFamily] = {
+    "v100": _family("V100", (7, 0), 32.0, 16.0),
+    "t4": _family("T4", (7, 5), 16.0),
+    "a100": _family("A100", (8, 0), 80.0, 40.0),
+    "a10": _family("A10", (8, 6), 24.0),
+    "a10g": _family("A10G", (8, 6), 24.0),
+    "a40": _family("A40", (8, 6), 48.0),
+    "a6000": _family("RTX A6000", (8, 6), 48.0),
+    "rtx3090": _family("RTX 3090", (8, 6), 24.0),
+    "l4": _family("L4", (8, 9), 24.0),
+    "l40": _family("L40", (8, 9), 48.0),
+    "l40s": _family("L40S", (8, 9), 48.0),
+    "rtx4090": _family("RTX 4090", (8, 9), 24.0),
+    "rtx6000ada": _family("RTX 6000 Ada", (8, 9), 48.0),
+    "h100": _family("H100", (9, 0), 80.0, 94.0),
+    "h200": _family("H200", (9, 0), 141.0),
+}
+MAX_GPUS = 64
+_SPEC = re.compile(r"(?P<family>[a-z0-9]+?)(?:-(?P<mem>\d+(?:\.\d+)?)gb)?x(?P<n>\d+)")
+_SM = re.compile(r"sm(?P<major>\d+)(?P<minor>\d)")
+
+
+def parse_target_spec(spec: str) -> Target:
+    m = _SPEC.fullmatch(spec.strip().lower())
+    if m is None:
+        raise HscError(f"unknown target {spec!r}; known targets: {', '.join(TARGETS)}, auto, or a spec "
+                       f"<gpu>[-<mem>gb]x<count> (e.g. h100-80gbx2, l40sx1) with <gpu> one of "
+                       f"{', '.join(GPU_FAMILIES)} or sm<XY> (e.g. sm89-48gbx2)")
+    n, mem = int(m["n"]), m["mem"] and float(m["mem"])
+    if not 1 <= n <= MAX_GPUS:
+        raise HscError(f"target {spec!r}: {n} GPUs; choose 1..{MAX_GPUS}")
+    if sm := _SM.fullmatch(m["family"]):
+        if mem is None:
+            raise HscError(f"target {spec!r}: a GPU named by compute capability needs its memory, e.g. {spec[:-len(m['n']) - 1]}-24gbx{n}")
+        cc = (int(sm["major"]), int(sm["minor"]))
+        return _gpu_target(spec.lower(), f"sm_{sm['major']}{sm['minor']} {mem:g}GB", cc, n, mem, _dtypes_for(cc))
+    fam = GPU_FAMILIES.get(m["family"])
+    if fam is None:
+        raise HscError(f"target {spec!r}: unknown GPU {m['family']!r}; known: {', '.join(GPU_FAMILIES)}, "
+                       f"or sm<XY>-<mem>gb (e.g. sm89-48gbx{n})")
+    if mem is not None and mem not in fam.mem_gib:
+        raise HscError(f"target {spec!r}: {fam.gpu} comes with {' or '.join(f'{g:g}' for g in fam.mem_gib)} GB; "
+                       f"for another size use sm{''.join(map(str, fam.compute_capability))}-{mem:g}gbx{n}")
+    mem = fam.mem_gib[0] if mem is None else mem
+    return _gpu_target(spec.lower(), f"{fam.gpu} {mem:g}GB", fam.compute_capability, n, mem, fam.tensor_core_dtypes)
+
+
+def _gpu_target(name: str, gpu: str, cc: tuple[int, int], n: int, mem: float, dtypes: tuple[str, ...]) -> Target:
+    """A listed target when the spec describes one (h200-141gbx2 is h200x2), else a new one."""
+    for t in TARGETS.values():
+        if (t.gpu, t.n_gpus) == (gpu, n):
+            return t
+    return Target(name, gpu, cc, n, mem, dtypes)
+
+
+def machine_target() -> Target:
+    """`--target auto`: the GPUs torch.cuda sees on this machine (all of them; the smallest memory and
+    capability when they differ), or the CPU when there is none."""
+    import torch
+
+    if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
+        return TARGETS["cpu"]
+    props = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())]
+    cc = min((p.major, p.minor) for p in props)
+    mem_gib = min(p.total_memory for p in props) / GIB
+    name = props[0].name
+    n = len(props)
+    fam = next((k for k, f in sorted(GPU_FAMILIES.items(), key=lambda kv: -len(kv[1].gpu))
+                if f.gpu.upper() in name.upper() and f.compute_capability == cc), None)
+    if fam is not None:
+        # the family's nominal size (141 GB for an H200 that reports 139.8 GiB) when the card is one of them
+        nominal = min(GPU_FAMILIES[fam].mem_gib, key=lambda g: abs(g - mem_gib))
+        if abs(nominal - mem_gib) / nominal < 0.1:
+            return parse_target_spec(f"{fam}-{nominal:g}gbx{n}")
+    return Target(f"sm{cc[0]}{cc[1]}-{mem_gib:.0f}gbx{n}", f"{name} {mem_gib:.0f}GB", cc, n,
+                  float(f"{mem_gib:.0f}"), _dtypes_for(cc))

@@ -97,12 +97,9 @@ case "${1:-}" in
     steps
     ;;
   wait)
-    for _ in $(seq 1 "${2:-560}"); do
-      grep -q "  DONE$\|  FAILED$" "$LOG" && break
-      sleep 1
-    done
-    cp "$LOG" "$OUT/log.txt"
-    tail -n "${3:-20}" "$LOG"
+    # shellcheck source=docs/profiling/wait_log.sh
+    . "$(dirname "$0")/wait_log.sh"
+    wait_log "$LOG" "$OUT" "${2:-560}" "${3:-20}"
     ;;
   *)
     echo "usage: bash docs/profiling/compile_30b.sh start|wait [SECONDS [LINES]]" >&2
