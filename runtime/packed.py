@@ -544,24 +544,42 @@ class PackedScorer:
             torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
-    def score(self, batches: Batches, progress=None, sync_every: int = 8) -> list[float]:
+    def score(self, batches: Batches, progress=None, sync_every: int = 8, done=None, on_batch=None) -> list[float]:
         """The log-likelihood of every packed request, in order; NaN for those of items that another
-        replica's rows hold (Batches.items_held)."""
-        outputs, reported = [], 0
+        replica's rows hold (Batches.items_held). done: {batch: (requests, logliks)} of batches scored
+        before (a resumed run's journal), which are skipped; on_batch(b, requests, logliks): called with
+        each batch's results as soon as they are on the host (then every batch is waited for)."""
+        done = dict(done or {})
+        pending, reported = [], 0
         n_batches = batches.tokens.shape[0]
+        every = 1 if on_batch is not None else sync_every
         for b in range(n_batches):
-            logp = self.step(*self._step_args(batches, b))
-            outputs.append(logp.clone())  # CUDA-graph outputs are overwritten by the next replay
-            if progress is not None and ((b + 1) % sync_every == 0 or b + 1 == n_batches):
-                # Wait for the device now and then, so the live tokens/s is the device's, not the queue's.
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
+            if b not in done:
+                logp = self.step(*self._step_args(batches, b))
+                pending.append((b, logp.clone()))  # CUDA-graph outputs are overwritten by the next replay
+            if pending and ((b + 1) % every == 0 or b + 1 == n_batches):
+                # Wait for the device now and then (so the live tokens/s is the device's, not the queue's),
+                # and after every batch when each is journalled.
+                for pb, logp in pending:
+                    done[pb] = batch_logliks(batches, pb, logp)
+                    if on_batch is not None:
+                        on_batch(pb, *done[pb])
+                pending = []
+            if progress is not None and not pending:
                 progress(sum(batches.real_tokens[reported:b + 1]))
                 reported = b + 1
-        logp = torch.stack(outputs).double().cpu().flatten()
-        owner = batches.target_request.flatten()
-        keep = owner >= 0
-        sums = torch.zeros(batches.n_requests, dtype=torch.float64).index_add_(0, owner[keep], logp[keep])
-        held = torch.zeros(batches.n_requests, dtype=torch.bool)
-        held[owner[keep]] = True
-        return sums.masked_fill(~held, math.nan).tolist()
+        out = [math.nan] * batches.n_requests
+        for requests, logliks in done.values():
+            for r, ll in zip(requests, logliks):
+                out[r] = ll
+        return out
+
+
+def batch_logliks(batches: Batches, b: int, logp: torch.Tensor) -> tuple[list[int], list[float]]:
+    """The requests batch b scores and their log-likelihoods: its targets' log-probs summed per request
+    in float64 (a request's targets all sit in one row, so in one batch)."""
+    owner = batches.target_request[b]
+    keep = owner >= 0
+    requests, slot = torch.unique(owner[keep], return_inverse=True)
+    sums = torch.zeros(len(requests), dtype=torch.float64).index_add_(0, slot, logp.double().cpu()[keep])
+    return requests.tolist(), sums.tolist()
