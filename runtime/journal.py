@@ -3,7 +3,7 @@
 
 One file per data-parallel replica, `journal/replica<R>-of-<N>.jsonl` in the output directory, written
 by the replica's tensor-parallel rank 0: a header line with the run's key, then one line per batch
-(`{"batch": b, "requests": [...], "loglik": [...]}`), each flushed and fsync'd before the next batch's
+(`{"batch": b, "requests": [...], "loglik": [...], "greedy": [...]}`), each flushed and fsync'd before the next batch's
 results arrive. A replica's batches are a fixed function of the data, the tokenizer, BOS, the engine
 settings and the replica's place (the packing is deterministic), so `hsc run --resume` packs again,
 skips the batches its journal holds and scores the rest: every batch is computed exactly once, with the
@@ -34,15 +34,16 @@ def journal_path(out: Path, dp_rank: int, dp: int) -> Path:
 class Journal:
     path: Path
     key: dict
-    done: dict[int, tuple[list[int], list[float]]] = field(default_factory=dict)  # batch -> (requests, logliks)
+    # batch -> (requests, logliks, greedy: whether each request's tokens are all the most likely ones)
+    done: dict[int, tuple[list[int], list[float], list | None]] = field(default_factory=dict)
     _file: object = None
 
-    def record(self, batch: int, requests: list[int], logliks: list[float]) -> None:
+    def record(self, batch: int, requests: list[int], logliks: list[float], greedy: list | None) -> None:
         """Append one batch's results and make them durable before returning."""
-        self.done[batch] = (requests, logliks)
+        self.done[batch] = (requests, logliks, greedy)
         if self._file is None:
             return
-        _append(self._file, {"batch": batch, "requests": requests, "loglik": logliks})
+        _append(self._file, {"batch": batch, "requests": requests, "loglik": logliks, "greedy": greedy})
 
     def close(self) -> None:
         if self._file is not None:
@@ -79,7 +80,8 @@ def _read(path: Path, key: dict) -> tuple[dict, int]:
                 raise file_error(path, f"a journal of a run with other settings ({_differences(doc.get('key') or {}, key)}); "
                                        "pass --overwrite to start again, or another --output")
         else:
-            done[int(doc["batch"])] = ([int(r) for r in doc["requests"]], [float(x) for x in doc["loglik"]])
+            done[int(doc["batch"])] = ([int(r) for r in doc["requests"]], [float(x) for x in doc["loglik"]],
+                                       doc.get("greedy"))
         good += len(line) + 1
     return done, good
 

@@ -173,15 +173,16 @@ def _remove_earlier_set(out: Path) -> None:
 # ---------------------------------------------------------------- hsc's own files
 
 
-def samples_lines(items, requests, logliks, preds, preds_norm) -> str:
-    """samples.jsonl: one line per item, in item order."""
+def samples_lines(items, requests, logliks, greedy, preds, preds_norm) -> str:
+    """samples.jsonl: one line per item, in item order (greedy: per ending, whether every token is the
+    model's most likely one)."""
     lines = []
     for k, item in enumerate(items):
         reqs = requests[4 * k: 4 * k + 4]
         lines.append(dumps({
             "index": item.index, "label": item.label, "loglik": logliks[4 * k: 4 * k + 4],
             "cont_chars": [len(e) for e in item.endings], "cont_tokens": [len(r.continuation) for r in reqs],
-            "pred": preds[k], "pred_norm": preds_norm[k]}))
+            "greedy": greedy[4 * k: 4 * k + 4], "pred": preds[k], "pred_norm": preds_norm[k]}))
     return "\n".join(lines) + "\n"
 
 
@@ -250,7 +251,7 @@ def lm_eval_samples(items, logliks, greedy, preds, preds_norm) -> str:
     lines = []
     for k, item in enumerate(items):
         doc = {"query": item.query, "choices": list(item.endings), "gold": item.label}
-        pairs = [(repr_float(logliks[4 * k + j]), str(bool(greedy[4 * k + j]))) for j in range(4)]
+        pairs = [(str(float(logliks[4 * k + j])), str(greedy[4 * k + j])) for j in range(4)]
         lines.append(dumps({
             "doc_id": k,
             "doc": doc,
@@ -268,10 +269,6 @@ def lm_eval_samples(items, logliks, greedy, preds, preds_norm) -> str:
             "acc_norm": float(preds_norm[k] == item.label),
         }, ensure_ascii=False))
     return "\n".join(lines) + "\n"
-
-
-def repr_float(x: float) -> str:
-    return str(float(x))
 
 
 def lm_eval_results(results: dict, n_original: int) -> dict:

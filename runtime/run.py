@@ -46,9 +46,9 @@ class RunConfig:
 # An engine, as run() drives it: prepare(requests, replica=(rank, count)) -> (work, positions of the items
 # this data-parallel replica scores); warmup(work); tokens(work) -> tokens it computes; fingerprint(work)
 # -> a digest of how the work is cut into batches (the journal's key); score(work, progress, done,
-# on_batch) -> log-likelihoods of those items' requests, 4 per item, in their order, skipping the
-# batches in `done` and reporting each new batch to on_batch. A replica given no work idles (a short
-# --limit on several replicas).
+# on_batch) -> (log-likelihoods, is-greedy flags) of those items' requests, 4 per item, in their order,
+# skipping the batches in `done` and reporting each new batch to on_batch. A replica given no work
+# idles (a short --limit on several replicas).
 
 
 class ReferenceEngine:
@@ -78,8 +78,10 @@ class ReferenceEngine:
         return _digest([(r.context, r.continuation) for r in requests])
 
     def score(self, requests, progress=None, done=None, on_batch=None):
-        return score_reference(self.model, requests, self.device, self.cfg.batch_tokens, progress=progress,
-                               done=done, on_batch=on_batch)
+        results, keep = _collect(done, on_batch)
+        logliks = score_reference(self.model, requests, self.device, self.cfg.batch_tokens, progress=progress,
+                                  done=done, on_batch=keep)
+        return logliks, _greedy_of(results, range(len(requests)))
 
 
 class PackedEngine:
@@ -114,9 +116,29 @@ class PackedEngine:
 
     def score(self, batches, progress=None, done=None, on_batch=None):
         if batches is None:
-            return []
-        logliks = self.scorer.score(batches, progress=progress, done=done, on_batch=on_batch)
-        return [logliks[4 * i + j] for i in self.held for j in range(4)]
+            return [], []
+        results, keep = _collect(done, on_batch)
+        logliks = self.scorer.score(batches, progress=progress, done=done, on_batch=keep)
+        order = [4 * i + j for i in self.held for j in range(4)]
+        return [logliks[k] for k in order], _greedy_of(results, order)
+
+
+def _collect(done, on_batch):
+    """Every batch's (requests, logliks, greedy), those done before and those scored now (which are
+    passed on to on_batch)."""
+    results = dict(done or {})
+
+    def keep(b, *result):
+        results[b] = result
+        if on_batch is not None:
+            on_batch(b, *result)
+
+    return results, keep
+
+
+def _greedy_of(results: dict, requests) -> list:
+    greedy = {r: g for reqs, _, flags in results.values() for r, g in zip(reqs, flags or [])}
+    return [greedy.get(r) for r in requests]
 
 
 def _digest(obj) -> str:
@@ -133,7 +155,7 @@ def make_engine(model, cfg: RunConfig, device):
         raise HscError(FLAT_NEEDS_COMPILE)
     try:
         return PackedEngine(PackedScorer(model, device, cfg.row_len, cfg.batch_tokens, compile=compile,
-                                         layout=cfg.layout))
+                                         layout=cfg.layout, greedy=True))
     except ValueError as e:  # a row length the layout cannot use
         raise HscError(f"--row-len {cfg.row_len}: {e}") from None
 
@@ -221,7 +243,7 @@ def open_replica_journal(d, out: Path, key: dict, resume: bool):
         done = [sorted(journal.done) if d.tp_rank == 0 else None]
         torch.distributed.broadcast_object_list(done, src=d.dp_rank * d.tp, group=d.tp_group)
         if d.tp_rank:
-            journal.done = {b: ([], []) for b in done[0]}
+            journal.done = {b: ([], [], []) for b in done[0]}
     return journal
 
 
@@ -359,7 +381,7 @@ def _run(cfg: RunConfig, command: str, echo, manifest, d, out: Path, t_start: fl
 
     n_tokens = engine.tokens(prepared)
     resumed = len(journal.done)
-    logliks = score_with_progress(engine, prepared, n_tokens, d.is_writer, journal)
+    logliks, greedy = score_with_progress(engine, prepared, n_tokens, d.is_writer, journal)
     journal.close()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -368,6 +390,7 @@ def _run(cfg: RunConfig, command: str, echo, manifest, d, out: Path, t_start: fl
     requests = [r for i in mine for r in requests[4 * i: 4 * i + 4]]
     # The writer (global rank 0) collects every replica's requests and log-likelihoods in item order.
     gathered = distributed.gather_replicas(d, items, mine, requests, logliks, n_tokens)
+    greedy = gather_greedy(d, mine, greedy, len(items))
     if gathered is None:  # not the writer: only rank 0 prints and writes
         distributed.teardown(d)
         return {}
@@ -415,20 +438,33 @@ def _run(cfg: RunConfig, command: str, echo, manifest, d, out: Path, t_start: fl
         },
         "command": command,
     }
-    write_results(out, results, items, requests, logliks, preds, preds_norm, n_source, t_start, t_scored)
+    write_results(out, results, items, requests, logliks, greedy, preds, preds_norm, n_source, t_start)
     report(echo, results, out)
     distributed.teardown(d)
     return results
 
 
-def write_results(out: Path, results: dict, items, requests, logliks, preds, preds_norm, n_source: int,
-                  t_start: float, t_scored: float) -> None:
+def gather_greedy(d, mine: list[int], greedy: list, n_items: int) -> list | None:
+    """The is-greedy flags of every request in item order, on the writer (as gather_replicas does the
+    log-likelihoods); None elsewhere."""
+    parts = distributed.gather_to_writer(d, (mine, greedy) if d.tp_rank == 0 else None)
+    if parts is None:
+        return None
+    full: list = [None] * (4 * n_items)
+    for part in filter(None, parts):
+        for k, pos in enumerate(part[0]):
+            full[4 * pos: 4 * pos + 4] = part[1][4 * k: 4 * k + 4]
+    return full
+
+
+def write_results(out: Path, results: dict, items, requests, logliks, greedy, preds, preds_norm, n_source: int,
+                  t_start: float) -> None:
     """The output set (runtime/outputs.py); the journal goes once the set is in place."""
     t = time.perf_counter()
     date = outputs.date_id(datetime.datetime.fromtimestamp(results["start_time"]))
     lm_results, lm_samples = outputs.lm_eval_names(date)
-    files = {outputs.SAMPLES: outputs.samples_lines(items, requests, logliks, preds, preds_norm),
-             lm_samples: outputs.lm_eval_samples(items, logliks, [None] * len(logliks), preds, preds_norm)}
+    files = {outputs.SAMPLES: outputs.samples_lines(items, requests, logliks, greedy, preds, preds_norm),
+             lm_samples: outputs.lm_eval_samples(items, logliks, greedy, preds, preds_norm)}
     timings = results["timings"]
     timings["write_s"] = round(time.perf_counter() - t, 3)  # building the files; the rename is not counted
     timings["total_s"] = round(time.perf_counter() - t_start, 3)

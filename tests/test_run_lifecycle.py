@@ -108,8 +108,8 @@ def test_resume_in_process_skips_what_is_journalled(tiny, tmp_path, monkeypatch)
     out = tmp_path / "res"
     real = journal_mod.Journal.record
 
-    def record_then_interrupt(self, batch, requests, logliks):
-        real(self, batch, requests, logliks)
+    def record_then_interrupt(self, batch, *result):
+        real(self, batch, *result)
         if len(self.done) == 3:
             raise KeyboardInterrupt
 
@@ -142,8 +142,8 @@ def test_journal_from_other_settings_is_refused(tiny, tmp_path, monkeypatch):
     out = tmp_path / "res"
     from runtime import journal as journal_mod
 
-    def stop_after_two(self, batch, requests, logliks):
-        real(self, batch, requests, logliks)
+    def stop_after_two(self, batch, *result):
+        real(self, batch, *result)
         if len(self.done) == 2:
             raise KeyboardInterrupt
 
@@ -176,8 +176,8 @@ def test_data_parallel_replicas_journal_and_resume(tiny, tmp_path, monkeypatch):
 
     real = journal_mod.Journal.record
 
-    def stop_after_two(self, batch, requests, logliks):
-        real(self, batch, requests, logliks)
+    def stop_after_two(self, batch, *result):
+        real(self, batch, *result)
         if len(self.done) == 2:
             raise KeyboardInterrupt
 
@@ -209,6 +209,7 @@ def test_outputs_lm_eval_files_agree_and_no_overwrite(tiny, tmp_path):
     assert [s["doc_id"] for s in lm_samples] == list(range(N_ITEMS))
     for s, m in zip(lm_samples, mine):
         assert [float(r[0][0]) for r in s["resps"]] == m["loglik"]
+        assert [r[0][1] for r in s["resps"]] == [str(g) for g in m["greedy"]] and all(isinstance(g, bool) for g in m["greedy"])
         assert [float(r[0]) for r in s["filtered_resps"]] == m["loglik"]
         assert s["acc"] == float(m["pred"] == m["label"]) and s["acc_norm"] == float(m["pred_norm"] == m["label"])
         assert s["target"] == str(m["label"]) and len(s["arguments"]) == 4
@@ -408,3 +409,36 @@ def test_compile_cache_round_trip_hits_inductor_cache(tmp_path, monkeypatch):
     assert compile_cache.load("k1", art) == "artifact"
     os.chmod(art / "cache" / "compile-k1.bin", 0o666)
     assert compile_cache.load("k1", art) is None
+
+
+@pytest.mark.slow  # two inductor compiles of the model on the CPU: minutes on 2 shared cores
+def test_second_compiled_run_loads_the_compile_cache(tiny, tmp_path, monkeypatch):
+    """hsc run --compile on the CPU twice, the second with an empty inductor cache directory and dynamo
+    reset (as a fresh process would be): it loads the cache the first wrote, and inductor builds no graph."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor-1"))
+    torch._dynamo.reset()
+    first = run(cfg(tiny, tmp_path / "a", limit=4, compile=True), "test", echo=quiet)
+    assert first["compile_cache"] == "written"
+    assert list((tiny.art / "cache").glob("compile-*.bin"))  # the artifact carries it too
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor-2"))
+    torch._dynamo.reset()
+    counters.clear()
+    second = run(cfg(tiny, tmp_path / "b", limit=4, compile=True), "test", echo=quiet)
+    assert second["compile_cache"] == "user cache"
+    assert counters["inductor"]["fxgraph_cache_hit"] >= 1 and counters["inductor"]["fxgraph_cache_miss"] == 0
+    assert samples(tmp_path / "b") == samples(tmp_path / "a")
+    # another artifact (another manifest sha256), the same shapes: its own key, no reuse
+    import shutil
+
+    other = tmp_path / "other-art"
+    shutil.copytree(tiny.art, other, ignore=shutil.ignore_patterns("cache"))
+    doc = json.loads((other / "manifest.json").read_text())
+    (other / "manifest.json").write_text(json.dumps({**doc, "model_name": "renamed"}))
+    torch._dynamo.reset()
+    third = run(RunConfig(other, str(tiny.data), limit=4, output=tmp_path / "c", device="cpu",
+                          batch_tokens=BATCH_TOKENS, compile=True), "test", echo=quiet)
+    assert third["compile_cache"] == "written"
+    shutil.rmtree(tiny.art / "cache")

@@ -87,25 +87,6 @@ PY
   stamp DONE
 }
 
-case "${1:-}" in
-  start)
-    : > "$LOG"
-    setsid nohup bash "$0" steps >> "$LOG" 2>&1 < /dev/null &
-    echo "started; log: $LOG"
-    ;;
-  steps)
-    steps
-    ;;
-  wait)
-    for _ in $(seq 1 "${2:-560}"); do
-      grep -q "  DONE$\|  FAILED$" "$LOG" && break
-      sleep 1
-    done
-    cp "$LOG" "$OUT/log.txt"
-    tail -n "${3:-20}" "$LOG"
-    ;;
-  *)
-    echo "usage: bash docs/profiling/compile_30b.sh start|wait [SECONDS [LINES]]" >&2
-    exit 2
-    ;;
-esac
+# shellcheck source=docs/profiling/detached.sh
+source "$(dirname "$0")/detached.sh"
+detached "$0" "$LOG" "$OUT" "$@"
