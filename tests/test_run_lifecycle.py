@@ -161,15 +161,18 @@ def test_journal_from_other_settings_is_refused(tiny, tmp_path, monkeypatch):
         run(cfg(tiny, out), "test", echo=quiet)
 
 
-def test_data_parallel_replicas_journal_and_resume(tiny, tmp_path, monkeypatch):
-    """DP=2 as two CPU processes (gloo): each replica journals its own batches; both stopped after two
-    batches, the resumed run skips them and equals the uninterrupted one."""
+@pytest.mark.parametrize("tp, journals", [(1, ["replica0-of-2.jsonl", "replica1-of-2.jsonl"]),
+                                          (2, ["replica0-of-1.jsonl"])])
+def test_two_processes_journal_and_resume(tiny, tmp_path, monkeypatch, tp, journals):
+    """Two CPU processes (gloo). DP=2: each replica journals its own batches. TP=2: rank 0 journals, rank 1
+    learns from it which batches to skip. Stopped after two batches, the resumed run skips them and
+    equals the uninterrupted one."""
     from runtime import journal as journal_mod
     from tests.test_tensor_parallel import run_ranks
 
-    dp2 = tiny.root / "art-dp2"
+    dp2 = tiny.root / f"art-h200x2-tp{tp}"
     if not dp2.exists():
-        compile_checkpoint(tiny.root / "ckpt", "h200x2", "fp32", dp2, "test", tp=1, log=lambda *_: None)
+        compile_checkpoint(tiny.root / "ckpt", "h200x2", "fp32", dp2, "test", tp=tp, log=lambda *_: None)
     options = {"limit": N_ITEMS, "batch_tokens": BATCH_TOKENS}
     whole = tmp_path / "whole"
     assert run_ranks(2, dp2, tiny.data, whole, **options) == ["ok"] * 2
@@ -184,8 +187,9 @@ def test_data_parallel_replicas_journal_and_resume(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(journal_mod.Journal, "record", stop_after_two)  # inherited by the forked ranks
     out = tmp_path / "res"
     assert all("--resume" in s for s in run_ranks(2, dp2, tiny.data, out, **options))
-    for r in range(2):
-        assert (out / "journal" / f"replica{r}-of-2.jsonl").read_bytes().count(b"\n") == 3  # header + 2
+    assert sorted(p.name for p in (out / "journal").iterdir()) == journals
+    for name in journals:
+        assert (out / "journal" / name).read_bytes().count(b"\n") == 3  # header + 2 batches
     monkeypatch.setattr(journal_mod.Journal, "record", real)
     assert run_ranks(2, dp2, tiny.data, tmp_path / "res", resume=True, **options) == ["ok"] * 2
     assert json.loads((out / "results.json").read_text())["resumed_batches"] == 2
