@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from runtime.errors import HscError, file_error
+from runtime.errors import file_error
 
 RESULTS = "results.json"
 SAMPLES = "samples.jsonl"
@@ -73,9 +73,9 @@ class OutputDir:
 
     def abandon(self) -> None:
         """A run that failed before it journalled anything leaves no directory it made behind."""
-        self.release()
         if self.created and self.path.is_dir():
-            shutil.rmtree(self.path, ignore_errors=True)
+            shutil.rmtree(self.path, ignore_errors=True)  # still locked meanwhile: no one else claims it
+        self.release()
 
 
 def default_output(artifact) -> Path:
@@ -317,8 +317,3 @@ def lm_eval_names(date_id: str) -> tuple[str, str]:
 def date_id(now: datetime.datetime) -> str:
     """lm-eval's file stamp: datetime.now().isoformat() with ':' replaced by '-'."""
     return now.isoformat().replace(":", "-")
-
-
-def check_writable(path: Path) -> None:
-    if not os.access(path, os.W_OK):
-        raise HscError(f"{path}: not writable")

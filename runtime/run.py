@@ -328,12 +328,14 @@ def run(cfg: RunConfig, command: str, echo=print) -> dict:
     out = Path(cfg.output) if cfg.output else outputs.default_output(cfg.artifact)
     try:
         return _run(cfg, command, echo, manifest, d, out, t_start, start_time)
-    except KeyboardInterrupt:
-        raise Interrupted(f"stopped; the batches scored so far are journalled in {out / JOURNAL_DIR}: run the "
-                          "same command with --resume to continue") from None
-    except BaseException:
-        if held is not None and not _journalled(out):
+    except BaseException as e:
+        scored = _journalled(out)
+        if held is not None and not scored:
             held.abandon()  # nothing scored: leave no directory this run made behind
+        if isinstance(e, KeyboardInterrupt):
+            raise Interrupted(f"stopped; the batches scored so far are journalled in {out / JOURNAL_DIR}: run the "
+                              "same command with --resume to continue" if scored else
+                              "stopped before any batch was scored") from None
         raise
     finally:
         if held is not None:
