@@ -9,7 +9,8 @@
 #   MODE=h200 (default; kind nvidia-h200): bf16 then fp8 on one GPU. The bf16 artifact (65 GB) is
 #             deleted before the fp8 compile: the one-GPU kind's disk holds one 30B bf16 artifact.
 #   MODE=x2   (kind nvidia-h200-x2): the same one-GPU runs, then DP=2 (bf16, fp8) and TP=2 (bf16) with
-#             --nproc 2, each once, and docs/profiling/compare_runs.py of each against its one-GPU run.
+#             --nproc 2, each once (a first run: it compiles), and docs/profiling/compare_runs.py of each
+#             against its one-GPU run (per-item agreement).
 #   PRECISIONS="bf16 fp8" (default): which artifacts to build and run.
 #
 # A device call lasts 10 minutes at most, so:
@@ -17,7 +18,7 @@
 #   bash docs/profiling/run_real_30b.sh wait 560   # blocks until done or 560 s, then prints the log's tail
 # and repeat `wait` in back-to-back calls until the log says DONE (or FAILED). The log, results.json of
 # every run and the summary are copied to $OUT. A dry run on a small machine (a few minutes on a CPU):
-#   EXTRA="--layers 1" DEVICE=cpu LIMIT=8 FP8_EXTRA="--calib-items 8 --check-items 0" CK=/tmp/ck A=/tmp/rr \
+#   EXTRA="--layers 1" DEVICE=cpu LIMIT=8 FP8_EXTRA="--calib-items 8 --check-items 0 --alpha 0.85" CK=/tmp/ck A=/tmp/rr \
 #     bash docs/profiling/run_real_30b.sh steps
 set -euo pipefail
 export PYTHONPATH=$PWD NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -72,6 +73,7 @@ one_gpu() {  # PRECISION
   compile_art "llama30b-h200x1-$p" h200x1 "$p"
   timed_run "$p" "$art" "h200x1-$p-run1"
   timed_run "$p" "$art" "h200x1-$p-run2"
+  rm -rf "$art"  # before the next 30B artifact: the disk holds one bf16 at a time
   if [ "$MODE" = x2 ]; then
     local tp_runs="1"
     [ "$p" = bf16 ] && tp_runs="1 2"
@@ -83,7 +85,6 @@ one_gpu() {  # PRECISION
       rm -rf "$A/llama30b-$label"
     done
   fi
-  rm -rf "$art"
 }
 
 summary() {
