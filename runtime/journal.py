@@ -43,7 +43,11 @@ class Journal:
         self.done[batch] = (requests, logliks, greedy)
         if self._file is None:
             return
-        _append(self._file, {"batch": batch, "requests": requests, "loglik": logliks, "greedy": greedy})
+        try:
+            _append(self._file, {"batch": batch, "requests": requests, "loglik": logliks, "greedy": greedy})
+        except OSError as e:  # a full disk mid-run: what was journalled before stays usable
+            raise file_error(self.path, f"cannot write the journal ({e.strerror or e}); the batches journalled "
+                                        "before are kept: rerun with --resume once that is fixed") from None
 
     def close(self) -> None:
         if self._file is not None:

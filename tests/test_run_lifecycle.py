@@ -273,6 +273,27 @@ def test_oserror_while_writing_leaves_nothing_half_written(tiny, tmp_path, monke
     assert results["resumed_batches"] > 0 and (out / "results.json").exists()
 
 
+def test_oserror_while_journalling_is_one_line_and_resumable(tiny, tmp_path, monkeypatch):
+    from runtime import journal as journal_mod
+
+    out = tmp_path / "res"
+    real = journal_mod._append
+    calls = []
+
+    def fail_fourth(f, doc):
+        calls.append(doc)
+        if len(calls) == 4:  # the header, two batches, then the disk is full
+            raise OSError(28, "No space left on device")
+        real(f, doc)
+
+    monkeypatch.setattr(journal_mod, "_append", fail_fourth)
+    with pytest.raises(HscError) as e:
+        run(cfg(tiny, out), "test", echo=quiet)
+    assert "No space left on device" in str(e.value) and "--resume" in str(e.value)
+    monkeypatch.setattr(journal_mod, "_append", real)
+    assert run(cfg(tiny, out, resume=True), "test", echo=quiet)["resumed_batches"] == 2
+
+
 def test_a_second_run_into_a_held_directory_is_refused(tiny, tmp_path):
     out = tmp_path / "res"
     held = outputs.claim(out, "journal", resume=False, overwrite=False)
