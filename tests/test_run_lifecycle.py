@@ -250,18 +250,25 @@ def test_limit_1_writes_valid_json(tiny, tmp_path, hsc):
     assert "n/a" in stdout
 
 
+def disk_full_at_call(real, n: int, under: Path | None = None):
+    """`real`, except that its n-th call (counting those whose last argument is a path under `under`, if
+    given) fails as a full disk does."""
+    calls = []
+
+    def wrapper(*args):
+        if under is None or str(args[-1]).startswith(str(under)):
+            calls.append(args)
+            if len(calls) == n:
+                raise OSError(28, "No space left on device")
+        return real(*args)
+
+    return wrapper
+
+
 def test_oserror_while_writing_leaves_nothing_half_written(tiny, tmp_path, monkeypatch):
     out = tmp_path / "res"
     real = os.replace
-    calls = []
-
-    def fail_second(src, dst):
-        calls.append(dst)
-        if len(calls) == 2:
-            raise OSError(28, "No space left on device")
-        return real(src, dst)
-
-    monkeypatch.setattr(outputs.os, "replace", fail_second)
+    monkeypatch.setattr(outputs.os, "replace", disk_full_at_call(real, 2, out))  # the set's second file
     with pytest.raises(HscError) as e:
         run(cfg(tiny, out), "test", echo=quiet)
     assert "No space left on device" in str(e.value) and "--resume" in str(e.value)
@@ -278,15 +285,7 @@ def test_oserror_while_journalling_is_one_line_and_resumable(tiny, tmp_path, mon
 
     out = tmp_path / "res"
     real = journal_mod._append
-    calls = []
-
-    def fail_fourth(f, doc):
-        calls.append(doc)
-        if len(calls) == 4:  # the header, two batches, then the disk is full
-            raise OSError(28, "No space left on device")
-        real(f, doc)
-
-    monkeypatch.setattr(journal_mod, "_append", fail_fourth)
+    monkeypatch.setattr(journal_mod, "_append", disk_full_at_call(real, 4))  # the header, two batches, then full
     with pytest.raises(HscError) as e:
         run(cfg(tiny, out), "test", echo=quiet)
     assert "No space left on device" in str(e.value) and "--resume" in str(e.value)
