@@ -180,8 +180,6 @@ def calibrated_among_scored(calibration: dict | None, data_source: str) -> set[i
     return set() if split in ("train", "test") else None
 
 
-
-
 def select_items(cfg: RunConfig, manifest) -> tuple[list, str, int | None, int]:
     """The items to score, where they come from, how many the artifact was calibrated on, and how many
     the source holds."""
