@@ -298,11 +298,15 @@ def load_and_tokenize(d, cfg: RunConfig, manifest, items, tok, add_bos: bool):
     return model, requests, verify_s, tokenize_s
 
 
-def warm_up(engine, work, cfg: RunConfig, d, manifest_sha: str) -> str | None:
-    """Compile (loading what an earlier run compiled, if its key matches) and warm up; where the compile
-    cache came from, "written" when this run made it, or None (not compiled)."""
+def warm_up(engine, work, cfg: RunConfig, d, manifest_sha: str) -> dict | None:
+    """Compile (loading what an earlier run compiled, if its key matches) and warm up. None when not
+    compiled, else {"source": where the compile cache came from, or "written" when this run made it,
+    and inductor's FX-graph cache hits, misses and bypasses during the warm-up}."""
+    from torch._dynamo.utils import counters
+
     key = None
     source = None
+    before = dict(counters["inductor"])
     if engine.compiled:
         key = compile_cache.cache_key(manifest_sha, d.device, {
             "layout": engine.layout, "batch_shape": engine.batch_shape, "tp": d.tp, "hsc": outputs.hsc_version()})
@@ -310,9 +314,12 @@ def warm_up(engine, work, cfg: RunConfig, d, manifest_sha: str) -> str | None:
     engine.warmup(work)
     if d.device.type == "cuda":
         torch.cuda.synchronize()
-    if key is not None and source is None and d.is_writer:
+    if key is None:
+        return None
+    if source is None and d.is_writer:
         source = "written" if compile_cache.save(key, cfg.artifact) else None
-    return source
+    return {"source": source, **{f"fxgraph_cache_{k}": counters["inductor"][f"fxgraph_cache_{k}"] -
+                                 before.get(f"fxgraph_cache_{k}", 0) for k in ("hit", "miss", "bypass")}}
 
 
 def run(cfg: RunConfig, command: str, echo=print) -> dict:
@@ -490,8 +497,10 @@ def report(echo, results: dict, out: Path) -> None:
     extra = []
     if results["resumed_batches"]:
         extra.append(f"resumed: {results['resumed_batches']} batches from the journal")
-    if results["compile_cache"]:
-        extra.append(f"compile cache: {results['compile_cache']}")
+    cache = results["compile_cache"]
+    if cache:
+        extra.append(f"compile cache: {cache['source'] or 'none'} (inductor graphs: {cache['fxgraph_cache_hit']} "
+                     f"from the cache, {cache['fxgraph_cache_miss']} compiled)")
     if extra:
         echo("  " + "; ".join(extra))
     echo(f"  wrote {out / outputs.RESULTS}, {out / outputs.SAMPLES} and lm-eval's files in {out / outputs.LM_EVAL_DIR}")

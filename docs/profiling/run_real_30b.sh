@@ -93,12 +93,13 @@ import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
 walls = dict(line.split(": process wall ") for line in (out / "walls.txt").read_text().splitlines())
 keys = ("verify_s", "load_s", "prepare_s", "warmup_s", "scoring_s", "write_s", "total_s")
-print("run".ljust(22) + "".join(k.removesuffix("_s").rjust(9) for k in keys) + "  process  compile cache  acc_norm")
+print("run".ljust(22) + "".join(k.removesuffix("_s").rjust(9) for k in keys) + "  process  compile cache (hit/miss)  acc_norm")
 for label, wall in walls.items():
     r = json.loads((out / label / "results.json").read_text())
     t = r["timings"]
-    print(label.ljust(22) + "".join(f"{t[k]:9.1f}" for k in keys) + f"  {wall:>7}  {str(r['compile_cache']):>13}"
-          f"  {100 * r['acc_norm']:.2f}")
+    c = r["compile_cache"] or {}
+    cache = f"{c.get('source')} ({c.get('fxgraph_cache_hit')}/{c.get('fxgraph_cache_miss')})"
+    print(label.ljust(22) + "".join(f"{t[k]:9.1f}" for k in keys) + f"  {wall:>7}  {cache:>24}  {100 * r['acc_norm']:.2f}")
 PY
 }
 
