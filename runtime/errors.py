@@ -9,8 +9,16 @@ without a traceback.
 class HscError(Exception):
     """A user-facing failure: `str(err)` is one line naming the file and the problem."""
 
+    exit_code = 1
+
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))  # always one line
+
+
+class Interrupted(HscError):
+    """Ctrl-C (SIGINT) stopped a run cleanly: the CLI prints the line and exits 130 (128 + SIGINT)."""
+
+    exit_code = 130
 
 
 def file_error(path, problem: str) -> HscError:

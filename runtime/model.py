@@ -219,17 +219,29 @@ class Transformer(nn.Module):
             h = layer.forward_region(h, cos, sin, attn_mask) if block_regions else layer(h, cos, sin, attn_mask)
         return self.norm(h)
 
-    def token_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """log p(target | prefix) for hidden states [N, dim] and targets [N], in fp32:
-        logit[target] - logsumexp(logits), with fp32 logits (products summed in fp32) so that close
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits [N, vocab] for hidden states [N, dim] (products summed in fp32), so that close
         answers are not flipped by low-precision logits."""
         w = self.output.weight
         if _bf16_on_cuda(hidden) and _bf16_on_cuda(w):
             # bf16 products summed into fp32 logits: bf16 values are exact in fp32 (and in TF32), so
             # this is the fp32 product of the same numbers, at bf16 speed (8 vs 14 ms for a 30B
             # batch's 11.8k scored positions on an H200) and without a 0.85 GB fp32 copy of the head.
-            logits = torch.mm(hidden, w.t(), out_dtype=torch.float32)
-        else:
-            w = self.head_fp32 if self.head_fp32 is not None else w.float()
-            logits = F.linear(hidden.float(), w)  # [N, vocab]
-        return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+            return torch.mm(hidden, w.t(), out_dtype=torch.float32)
+        w = self.head_fp32 if self.head_fp32 is not None else w.float()
+        return F.linear(hidden.float(), w)
+
+    def token_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """log p(target | prefix) for hidden states [N, dim] and targets [N], in fp32:
+        logit[target] - logsumexp(logits)."""
+        return _target_logprobs(self.head_logits(hidden), targets)
+
+    def token_scores(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """token_logprobs, and whether each target is the most likely token (lm-eval's is_greedy: the
+        argmax, ties to the lowest id, equals the target)."""
+        logits = self.head_logits(hidden)
+        return _target_logprobs(logits, targets), logits.argmax(-1) == targets
+
+
+def _target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)

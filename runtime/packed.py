@@ -448,16 +448,20 @@ def attention_mask(subtree_end: torch.Tensor) -> torch.Tensor:
 
 
 def packed_step(model, tokens, positions, subtree_end, target_index, target_ids, *block_mask_parts,
-                block_regions: bool = False) -> torch.Tensor:
+                block_regions: bool = False, greedy: bool = False) -> torch.Tensor:
     """log p(target) [N] in fp32 for one packed batch (the function that gets compiled).
     block_mask_parts: the batch's tree_block_mask (flat layout; FlexAttention), else a dense mask.
-    block_regions: compile one transformer block for all layers (Transformer.forward)."""
+    block_regions: compile one transformer block for all layers (Transformer.forward).
+    greedy: [2, N], the log-probs and 1.0 where the target is the most likely token (lm-eval's is_greedy)."""
     if block_mask_parts:
         mask = flex_block_mask(subtree_end, *block_mask_parts)
     else:
         mask = attention_mask(subtree_end)
     hidden = model(tokens, positions, mask, block_regions=block_regions)  # [B, T, D]
     picked = hidden.flatten(0, 1).index_select(0, target_index)  # [N, D]
+    if greedy:
+        logp, is_greedy = model.token_scores(picked, target_ids)
+        return torch.stack([logp, is_greedy.float()])
     return model.token_logprobs(picked, target_ids)
 
 
@@ -478,11 +482,12 @@ def default_layout(device, compile: bool) -> str:
 class PackedScorer:
     def __init__(self, model, device, row_len: int | None = None, batch_tokens: int = 16384,
                  rows_per_batch: int | None = None, compile: bool = False, block_regions: bool = False,
-                 layout: str | None = None):
+                 layout: str | None = None, greedy: bool = False):
         """row_len None: from the data and batch_tokens (choose_row_len; flat_segments);
         rows_per_batch None: batch_tokens // row_len. layout: "rows" (trees first-fit into short rows,
         dense SDPA masks) or "flat" (one long tree per row, FlexAttention); None: default_layout.
-        block_regions (with compile): compile one transformer block and reuse it for every layer."""
+        block_regions (with compile): compile one transformer block and reuse it for every layer.
+        greedy: also find whether each ending is the model's greedy continuation (score's on_batch)."""
         self.model, self.device = model, torch.device(device)
         self.layout = layout or default_layout(self.device, compile)
         if self.layout not in LAYOUTS:
@@ -490,7 +495,7 @@ class PackedScorer:
         if self.layout == "flat" and row_len is not None and row_len % FLEX_Q_BLOCK:
             raise ValueError(f"row length {row_len}: the flat layout needs a multiple of {FLEX_Q_BLOCK}")
         self.row_len, self.batch_tokens, self.rows_per_batch = row_len, batch_tokens, rows_per_batch
-        step = lambda *a: packed_step(model, *a, block_regions=block_regions)
+        step = lambda *a: packed_step(model, *a, block_regions=block_regions, greedy=greedy)
         # reduce-overhead = inductor kernels replayed through CUDA graphs: one fixed shape, so
         # one graph; without CUDA, plain inductor.
         mode = "reduce-overhead" if self.device.type == "cuda" else None
@@ -549,24 +554,51 @@ class PackedScorer:
             torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
-    def score(self, batches: Batches, progress=None, sync_every: int = 8) -> list[float]:
+    def score(self, batches: Batches, progress=None, sync_every: int = 8, done=None, on_batch=None) -> list[float]:
         """The log-likelihood of every packed request, in order; NaN for those of items that another
-        replica's rows hold (Batches.items_held)."""
-        outputs, reported = [], 0
+        replica's rows hold (Batches.items_held). done: {batch: (requests, logliks)} of batches scored
+        before (a resumed run's journal), which are skipped; on_batch(b, requests, logliks, greedy): called
+        with each batch's results as soon as they are on the host (then every batch is waited for);
+        greedy: per request, whether every token is the most likely one (None unless the scorer was made
+        with greedy=True)."""
+        done = dict(done or {})
+        pending, reported = [], 0
         n_batches = batches.tokens.shape[0]
+        every = 1 if on_batch is not None else sync_every
         for b in range(n_batches):
-            logp = self.step(*self._step_args(batches, b))
-            outputs.append(logp.clone())  # CUDA-graph outputs are overwritten by the next replay
-            if progress is not None and ((b + 1) % sync_every == 0 or b + 1 == n_batches):
-                # Wait for the device now and then, so the live tokens/s is the device's, not the queue's.
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
+            if b not in done:
+                logp = self.step(*self._step_args(batches, b))
+                pending.append((b, logp.clone()))  # CUDA-graph outputs are overwritten by the next replay
+            if pending and ((b + 1) % every == 0 or b + 1 == n_batches):
+                # Wait for the device now and then (so the live tokens/s is the device's, not the queue's),
+                # and after every batch when each is journalled.
+                for pb, logp in pending:
+                    done[pb] = batch_logliks(batches, pb, logp)
+                    if on_batch is not None:
+                        on_batch(pb, *done[pb])
+                pending = []
+            if progress is not None and not pending:
                 progress(sum(batches.real_tokens[reported:b + 1]))
                 reported = b + 1
-        logp = torch.stack(outputs).double().cpu().flatten()
-        owner = batches.target_request.flatten()
-        keep = owner >= 0
-        sums = torch.zeros(batches.n_requests, dtype=torch.float64).index_add_(0, owner[keep], logp[keep])
-        held = torch.zeros(batches.n_requests, dtype=torch.bool)
-        held[owner[keep]] = True
-        return sums.masked_fill(~held, math.nan).tolist()
+        out = [math.nan] * batches.n_requests
+        for requests, logliks, _ in done.values():
+            for r, ll in zip(requests, logliks):
+                out[r] = ll
+        return out
+
+
+def batch_logliks(batches: Batches, b: int, out: torch.Tensor) -> tuple[list[int], list[float], list | None]:
+    """The requests batch b scores, their log-likelihoods (their targets' log-probs summed in float64; a
+    request's targets all sit in one row, so in one batch) and, for a greedy step's [2, N] output,
+    whether all of each request's targets are greedy."""
+    owner = batches.target_request[b]
+    keep = owner >= 0
+    requests, slot = torch.unique(owner[keep], return_inverse=True)
+    out = out.double().cpu()
+    logp = out[0] if out.dim() == 2 else out
+    sums = torch.zeros(len(requests), dtype=torch.float64).index_add_(0, slot, logp[keep])
+    greedy = None
+    if out.dim() == 2:
+        misses = torch.zeros(len(requests), dtype=torch.float64).index_add_(0, slot, 1.0 - out[1][keep])
+        greedy = (misses == 0).tolist()
+    return requests.tolist(), sums.tolist(), greedy

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import datetime
+import hashlib
 import json
-import os
+import shutil
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from runtime import distributed
-from runtime.artifact import load_manifest, load_tokenizer, manifest_sha256
-from runtime.errors import HscError
+from runtime import compile_cache, distributed, outputs
+from runtime.artifact import load_manifest, load_tokenizer, manifest_sha256, verify_artifact
+from runtime.errors import HscError, Interrupted
 from runtime.hellaswag import load_items
+from runtime.journal import JOURNAL_DIR, journal_path, open_journal
 from runtime.packed import FLAT_NEEDS_COMPILE, PackedScorer
 from runtime.scoring import (build_requests, compute_scores, drop_overlong, predictions, request_tokens,
                              score_reference)
@@ -34,12 +39,17 @@ class RunConfig:
     row_len: int | None = None  # packed rows; None: from the data and batch_tokens (PackedScorer)
     exclude_calibration: bool = False  # leave out the items a quantized artifact was calibrated on
     layout: str | None = None  # packed: "rows" or "flat"; None: runtime.packed.default_layout
+    resume: bool = False  # continue the journalled run in `output` (runtime/journal.py)
+    overwrite: bool = False  # replace an earlier run's results (or journal) in `output`
+    verify: bool = False  # hash every file again, whatever the verification records say
 
 
 # An engine, as run() drives it: prepare(requests, replica=(rank, count)) -> (work, positions of the items
-# this data-parallel replica scores); warmup(work); tokens(work) -> tokens it computes; score(work,
-# progress) -> log-likelihoods of those items' requests, 4 per item, in their order. A replica given no
-# work idles (a short --limit on several replicas).
+# this data-parallel replica scores); warmup(work); tokens(work) -> tokens it computes; fingerprint(work)
+# -> a digest of how the work is cut into batches (the journal's key); score(work, progress, done,
+# on_batch) -> (log-likelihoods, is-greedy flags) of those items' requests, 4 per item, in their order,
+# skipping the batches in `done` and reporting each new batch to on_batch. A replica given no work
+# idles (a short --limit on several replicas).
 
 
 class ReferenceEngine:
@@ -48,6 +58,7 @@ class ReferenceEngine:
 
     layout = None
     batch_shape = None
+    compiled = False
 
     def __init__(self, model, cfg: RunConfig, device):
         self.model, self.cfg, self.device = model, cfg, device
@@ -64,8 +75,14 @@ class ReferenceEngine:
     def tokens(self, requests) -> int:
         return sum(len(request_tokens(r, self.model.args.max_seq_len)[0]) for r in requests)
 
-    def score(self, requests, progress=None):
-        return score_reference(self.model, requests, self.device, self.cfg.batch_tokens, progress=progress)
+    def fingerprint(self, requests) -> str:
+        return _digest([(r.context, r.continuation) for r in requests])
+
+    def score(self, requests, progress=None, done=None, on_batch=None):
+        results, keep = _collect(done, on_batch)
+        logliks = score_reference(self.model, requests, self.device, self.cfg.batch_tokens, progress=progress,
+                                  done=done, on_batch=keep)
+        return logliks, _greedy_of(results, range(len(requests)))
 
 
 class PackedEngine:
@@ -74,6 +91,7 @@ class PackedEngine:
 
     def __init__(self, scorer: PackedScorer):
         self.scorer, self.layout, self.batch_shape = scorer, scorer.layout, None
+        self.compiled = scorer.compiled
         self.held: list[int] = []  # positions of the items the prepared batches score
 
     def prepare(self, requests, replica=(0, 1)):
@@ -91,11 +109,41 @@ class PackedEngine:
     def tokens(self, batches) -> int:
         return sum(batches.real_tokens) if batches is not None else 0
 
-    def score(self, batches, progress=None):
+    def fingerprint(self, batches) -> str | None:
         if batches is None:
-            return []
-        logliks = self.scorer.score(batches, progress=progress)
-        return [logliks[4 * i + j] for i in self.held for j in range(4)]
+            return None
+        packing = hashlib.sha256(batches.target_request.numpy().tobytes()).hexdigest()
+        return _digest([list(batches.shape), batches.real_tokens, packing])
+
+    def score(self, batches, progress=None, done=None, on_batch=None):
+        if batches is None:
+            return [], []
+        results, keep = _collect(done, on_batch)
+        logliks = self.scorer.score(batches, progress=progress, done=done, on_batch=keep)
+        order = [4 * i + j for i in self.held for j in range(4)]
+        return [logliks[k] for k in order], _greedy_of(results, order)
+
+
+def _collect(done, on_batch):
+    """Every batch's (requests, logliks, greedy), those done before and those scored now (which are
+    passed on to on_batch)."""
+    results = dict(done or {})
+
+    def keep(b, *result):
+        results[b] = result
+        if on_batch is not None:
+            on_batch(b, *result)
+
+    return results, keep
+
+
+def _greedy_of(results: dict, requests) -> list:
+    greedy = {r: g for reqs, _, flags in results.values() for r, g in zip(reqs, flags or [])}
+    return [greedy.get(r) for r in requests]
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj).encode()).hexdigest()
 
 
 def make_engine(model, cfg: RunConfig, device):
@@ -108,7 +156,7 @@ def make_engine(model, cfg: RunConfig, device):
         raise HscError(FLAT_NEEDS_COMPILE)
     try:
         return PackedEngine(PackedScorer(model, device, cfg.row_len, cfg.batch_tokens, compile=compile,
-                                         layout=cfg.layout))
+                                         layout=cfg.layout, greedy=True))
     except ValueError as e:  # a row length the layout cannot use
         raise HscError(f"--row-len {cfg.row_len}: {e}") from None
 
@@ -133,34 +181,11 @@ def calibrated_among_scored(calibration: dict | None, data_source: str) -> set[i
     return set() if split in ("train", "test") else None
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_outputs(out: Path, results: dict, items, requests, logliks, preds, preds_norm) -> None:
-    """results.json and samples.jsonl (one line per item, in item order)."""
-    out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
-    lines = []
-    for k, item in enumerate(items):
-        reqs = requests[4 * k: 4 * k + 4]
-        lines.append(json.dumps({
-            "index": item.index, "label": item.label, "loglik": logliks[4 * k: 4 * k + 4],
-            "cont_chars": [len(e) for e in item.endings], "cont_tokens": [len(r.continuation) for r in reqs],
-            "pred": preds[k], "pred_norm": preds_norm[k]}))
-    _write_atomic(out / "samples.jsonl", "\n".join(lines) + "\n")
-
-
-def run(cfg: RunConfig, command: str, echo=print) -> dict:
-    t_start = time.perf_counter()
-    manifest = load_manifest(cfg.artifact)
-    # One process per rank of the plan (TP x DP, runtime/distributed.py): the launch and the machine
-    # are checked against the plan before any weight is read.
-    d = distributed.setup(manifest, cfg.device, artifact=cfg.artifact)
-    device = d.device
+def select_items(cfg: RunConfig, manifest) -> tuple[list, str, int | None, int]:
+    """The items to score, where they come from, how many the artifact was calibrated on, and how many
+    the source holds."""
     items, data_source = load_items(cfg.data)
+    n_source = len(items)
     if cfg.limit is not None:
         if cfg.limit < 1:
             raise HscError(f"--limit {cfg.limit}: must be at least 1")
@@ -176,9 +201,171 @@ def run(cfg: RunConfig, command: str, echo=print) -> dict:
         items = [it for it in items if it.index not in calib_ids]
         if not items:
             raise HscError(f"{cfg.artifact}: every selected item was a calibration item; nothing left to score")
+    return items, data_source, calibration_overlap, n_source
+
+
+def claim_output(d, cfg: RunConfig) -> outputs.OutputDir | None:
+    """The writer takes the output directory (lock, no silent overwrite) before any weight is read;
+    every rank fails the same way if it cannot."""
+    out = Path(cfg.output) if cfg.output else outputs.default_output(cfg.artifact)
+    held, error = None, None
+    if d.is_writer:
+        try:
+            held = outputs.claim(out, JOURNAL_DIR, cfg.resume, cfg.overwrite)
+        except HscError as e:
+            error = e
+    distributed.agree_on_failure(d, error)
+    return held
+
+
+def journal_key(cfg: RunConfig, d, engine, work, manifest_sha: str, items, add_bos: bool) -> dict:
+    """Everything that decides what a replica's batches hold and what they compute."""
+    data = _digest([[it.index, it.query, list(it.endings), it.label] for it in items])
+    key = {"artifact": manifest_sha, "data": data, "bos": add_bos, "limit": cfg.limit,
+           "exclude_calibration": cfg.exclude_calibration, "engine": cfg.engine, "layout": engine.layout,
+           "compile": engine.compiled, "batch_tokens": cfg.batch_tokens, "row_len": cfg.row_len,
+           "batch_shape": engine.batch_shape, "device": d.device.type, "torch": torch.__version__,
+           "tp": d.tp, "replica": [d.dp_rank, d.dp], "packing": engine.fingerprint(work)}
+    return json.loads(json.dumps(key))  # as read back from the file: lists, not tuples
+
+
+def open_replica_journal(d, out: Path, key: dict, resume: bool):
+    """This replica's journal: its tensor-parallel rank 0 reads and appends; the other ranks of the
+    group get the batches to skip from it (so they run exactly the same batches)."""
+    journal, error = None, None
+    try:
+        journal = open_journal(journal_path(out, d.dp_rank, d.dp), key, resume, write=d.tp_rank == 0)
+    except HscError as e:
+        error = e
+    distributed.agree_on_failure(d, error)
+    if d.tp > 1:
+        done = [sorted(journal.done) if d.tp_rank == 0 else None]
+        torch.distributed.broadcast_object_list(done, src=d.dp_rank * d.tp, group=d.tp_group)
+        if d.tp_rank:
+            journal.done = {b: ([], [], []) for b in done[0]}
+    return journal
+
+
+class PlainProgress:
+    """Progress as plain lines on stderr, for logs (CI, nohup): one about every tenth of the work or
+    every minute, whichever comes first."""
+
+    def __init__(self, total: int, desc: str, min_interval_s: float = 2.0, max_interval_s: float = 60.0):
+        self.total, self.desc, self.done = max(total, 1), desc, 0
+        self.t0 = self.last_t = time.perf_counter()
+        self.last_frac, self.min_s, self.max_s = 0.0, min_interval_s, max_interval_s
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now, frac = time.perf_counter(), self.done / self.total
+        if frac >= 1.0 or (now - self.last_t >= self.min_s and (frac - self.last_frac >= 0.1 or now - self.last_t >= self.max_s)):
+            rate = self.done / max(now - self.t0, 1e-9)
+            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            print(f"hsc: {self.desc} {100 * frac:.0f}% ({self.done:,}/{self.total:,} tokens, {rate:,.0f} tok/s, "
+                  f"{eta:,.0f} s left)", file=sys.stderr, flush=True)
+            self.last_t, self.last_frac = now, frac
+
+
+def score_with_progress(engine, work, n_tokens: int, show: bool, journal):
+    """tqdm on a terminal, plain lines otherwise (a log), nothing on ranks other than the writer."""
+    kwargs = {"done": journal.done, "on_batch": journal.record}
+    if show and not sys.stderr.isatty():
+        return engine.score(work, progress=PlainProgress(n_tokens, "scoring").update, **kwargs)
+    with tqdm(total=n_tokens, unit="tok", unit_scale=True, desc="scoring", disable=None if show else True) as bar:
+        return engine.score(work, progress=bar.update, **kwargs)
+
+
+def _timed(fn, *args):
+    t = time.perf_counter()
+    return fn(*args), time.perf_counter() - t
+
+
+def load_and_tokenize(d, cfg: RunConfig, manifest, items, tok, add_bos: bool):
+    """Tokenize on a thread while this rank's files are verified and its weights read onto the device:
+    (model, requests, seconds verifying, seconds tokenizing)."""
+    with ThreadPoolExecutor(1) as pool:
+        tokenized = pool.submit(_timed, build_requests, items, tok, add_bos)
+        t = time.perf_counter()
+        error = None
+        try:
+            # This rank's files only; a verification record spares the hashing of unchanged files.
+            verify_artifact(cfg.artifact, manifest, tp_rank=d.tp_rank, force=cfg.verify)
+        except HscError as e:
+            error = e
+        distributed.agree_on_failure(d, error)
+        verify_s = time.perf_counter() - t
+        model = distributed.build_rank_model(d, cfg.artifact, manifest, verify=False)
+        requests, tokenize_s = tokenized.result()
+    return model, requests, verify_s, tokenize_s
+
+
+def warm_up(engine, work, cfg: RunConfig, d, manifest_sha: str) -> dict | None:
+    """Compile (loading what an earlier run compiled, if its key matches) and warm up. None when not
+    compiled, else {"source": where the compile cache came from, or "written" when this run made it,
+    and inductor's FX-graph cache hits, misses and bypasses during the warm-up}."""
+    from torch._dynamo.utils import counters
+
+    key = None
+    source = None
+    before = dict(counters["inductor"])
+    if engine.compiled:
+        key = compile_cache.cache_key(manifest_sha, d.device, {
+            "layout": engine.layout, "batch_shape": engine.batch_shape, "tp": d.tp, "hsc": outputs.hsc_version()})
+        source = compile_cache.load(key, cfg.artifact)
+    engine.warmup(work)
+    if d.device.type == "cuda":
+        torch.cuda.synchronize()
+    if key is None:
+        return None
+    if source is None and d.is_writer:
+        source = "written" if compile_cache.save(key, cfg.artifact) else None
+    return {"source": source, **{f"fxgraph_cache_{k}": counters["inductor"][f"fxgraph_cache_{k}"] -
+                                 before.get(f"fxgraph_cache_{k}", 0) for k in ("hit", "miss", "bypass")}}
+
+
+def run(cfg: RunConfig, command: str, echo=print) -> dict:
+    t_start = time.perf_counter()
+    start_time = time.time()
+    manifest = load_manifest(cfg.artifact)
+    # One process per rank of the plan (TP x DP, runtime/distributed.py): the launch and the machine
+    # are checked against the plan before any weight is read.
+    d = distributed.setup(manifest, cfg.device, artifact=cfg.artifact)
+    held = claim_output(d, cfg)
+    out = Path(cfg.output) if cfg.output else outputs.default_output(cfg.artifact)
+    try:
+        return _run(cfg, command, echo, manifest, d, out, t_start, start_time)
+    except BaseException as e:
+        scored = _journalled(out)
+        if held is not None and not scored:
+            held.abandon()  # nothing scored: leave no directory this run made behind
+        if isinstance(e, KeyboardInterrupt):
+            raise Interrupted(f"stopped; the batches scored so far are journalled in {out / JOURNAL_DIR}: run the "
+                              "same command with --resume to continue" if scored else
+                              "stopped before any batch was scored") from None
+        raise
+    finally:
+        if held is not None:
+            held.release()
+
+
+def _journalled(out: Path) -> bool:
+    """Whether any replica's journal holds a batch (more than its header line)."""
+    for path in (out / JOURNAL_DIR).glob("*.jsonl"):
+        with open(path, "rb") as f:
+            if f.read().count(b"\n") > 1:
+                return True
+    return False
+
+
+def _run(cfg: RunConfig, command: str, echo, manifest, d, out: Path, t_start: float, start_time: float) -> dict:
+    device = d.device
+    items, data_source, calibration_overlap, n_source = select_items(cfg, manifest)
+    manifest_sha = manifest_sha256(cfg.artifact)
     tok = load_tokenizer(cfg.artifact, manifest)
     add_bos = manifest.tokenizer.add_bos if cfg.bos is None else cfg.bos
-    requests = build_requests(items, tok, add_bos)
+    t_read = time.perf_counter()
+
+    model, requests, verify_s, tokenize_s = load_and_tokenize(d, cfg, manifest, items, tok, add_bos)
     # lm-eval's rule for long items: a context is cut on the left to fit the model (both engines,
     # scoring.fit_request); an item with an ending that alone exceeds the context is left out, and named.
     max_len = manifest.model.max_seq_len
@@ -187,9 +374,6 @@ def run(cfg: RunConfig, command: str, echo=print) -> dict:
         raise HscError(f"{data_source}: every selected item has an ending longer than the model's {max_len}-token "
                        "context; nothing to score")
     truncated = sum(len(r.context) + len(r.continuation) > max_len + 1 for r in requests)
-    t_tokenized = time.perf_counter()
-
-    model = distributed.build_rank_model(d, cfg.artifact, manifest)  # rank{tp_rank}.safetensors only
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -203,18 +387,18 @@ def run(cfg: RunConfig, command: str, echo=print) -> dict:
     # the replicas run exactly the rows one GPU would; the reference loop: every dp-th item.
     # Packing and gather indices are made here, before any clock that counts.
     prepared, mine = engine.prepare(requests, replica=(d.dp_rank, d.dp))
+    journal = open_replica_journal(d, out, journal_key(cfg, d, engine, prepared, manifest_sha, items, add_bos),
+                                   cfg.resume)
     t_prepared = time.perf_counter()
-    # Warm-up: compilation, CUDA-graph capture, kernel selection, allocator growth.
-    engine.warmup(prepared)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    # Warm-up: compilation (or the compile cache), CUDA-graph capture, kernel selection, allocator growth.
+    compile_cache_source = warm_up(engine, prepared, cfg, d, manifest_sha)
     distributed.barrier(d)
     t_warm = time.perf_counter()
 
     n_tokens = engine.tokens(prepared)
-    with tqdm(total=n_tokens, unit="tok", unit_scale=True, desc="scoring",
-              disable=None if d.is_writer else True) as bar:
-        logliks = engine.score(prepared, progress=bar.update)
+    resumed = len(journal.done)
+    logliks, greedy = score_with_progress(engine, prepared, n_tokens, d.is_writer, journal)
+    journal.close()
     if device.type == "cuda":
         torch.cuda.synchronize()
     distributed.barrier(d)
@@ -222,6 +406,7 @@ def run(cfg: RunConfig, command: str, echo=print) -> dict:
     requests = [r for i in mine for r in requests[4 * i: 4 * i + 4]]
     # The writer (global rank 0) collects every replica's requests and log-likelihoods in item order.
     gathered = distributed.gather_replicas(d, items, mine, requests, logliks, n_tokens)
+    greedy = gather_greedy(d, mine, greedy, len(items))
     if gathered is None:  # not the writer: only rank 0 prints and writes
         distributed.teardown(d)
         return {}
@@ -247,6 +432,7 @@ def run(cfg: RunConfig, command: str, echo=print) -> dict:
         "too_long_items": too_long,  # indices of items left out: an ending alone exceeds max_seq_len
         "tokens_forwarded": n_tokens,
         "engine": cfg.engine,
+        "batch_tokens": cfg.batch_tokens,
         "batch_shape": engine.batch_shape,  # packed: [rows, row length, targets]
         "layout": engine.layout,
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
@@ -254,33 +440,85 @@ def run(cfg: RunConfig, command: str, echo=print) -> dict:
         "world_size": d.world_size, "tp": d.tp, "dp": d.dp, "backend": d.backend,
         "model": manifest.model_name,
         "artifact": str(Path(cfg.artifact).resolve()),
-        "manifest_sha256": manifest_sha256(cfg.artifact),
+        "manifest_sha256": manifest_sha,
         "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        "resumed_batches": resumed,  # batches of the writer's replica taken from the journal
+        "compile_cache": compile_cache_source,
+        "start_time": start_time,
+        "environment": outputs.environment(data_source),
         "timings": {
-            "tokenize_s": round(t_tokenized - t_start, 3),
-            "load_s": round(t_loaded - t_tokenized, 3),
+            "read_s": round(t_read - t_start, 3),  # manifest, data, tokenizer
+            "tokenize_s": round(tokenize_s, 3),  # on a thread, during verification and loading
+            "verify_s": round(verify_s, 3),
+            "load_s": round(t_loaded - t_read - verify_s, 3),
             "prepare_s": round(t_prepared - t_loaded, 3),
             "warmup_s": round(t_warm - t_prepared, 3),
             "scoring_s": round(t_scored - t_warm, 3),
-            "total_s": round(t_scored - t_start, 3),
         },
         "command": command,
     }
-    out = Path(cfg.output) if cfg.output else Path("results") / Path(cfg.artifact).resolve().name
-    write_outputs(out, results, items, requests, logliks, preds, preds_norm)
+    write_results(out, results, items, requests, logliks, greedy, preds, preds_norm, n_source, t_start)
+    report(echo, results, out)
+    distributed.teardown(d)
+    return results
 
+
+def gather_greedy(d, mine: list[int], greedy: list, n_items: int) -> list | None:
+    """The is-greedy flags of every request in item order, on the writer (as gather_replicas does the
+    log-likelihoods); None elsewhere."""
+    parts = distributed.gather_to_writer(d, (mine, greedy) if d.tp_rank == 0 else None)
+    if parts is None:
+        return None
+    full: list = [None] * (4 * n_items)
+    for part in filter(None, parts):
+        for k, pos in enumerate(part[0]):
+            full[4 * pos: 4 * pos + 4] = part[1][4 * k: 4 * k + 4]
+    return full
+
+
+def write_results(out: Path, results: dict, items, requests, logliks, greedy, preds, preds_norm, n_source: int,
+                  t_start: float) -> None:
+    """The output set (runtime/outputs.py); the journal goes once the set is in place."""
+    t = time.perf_counter()
+    date = outputs.date_id(datetime.datetime.fromtimestamp(results["start_time"]))
+    lm_results, lm_samples = outputs.lm_eval_names(date)
+    files = {outputs.SAMPLES: outputs.samples_lines(items, requests, logliks, greedy, preds, preds_norm),
+             lm_samples: outputs.lm_eval_samples(items, logliks, greedy, preds, preds_norm)}
+    timings = results["timings"]
+    timings["write_s"] = round(time.perf_counter() - t, 3)  # building the files; the rename is not counted
+    timings["total_s"] = round(time.perf_counter() - t_start, 3)
+    files[lm_results] = outputs.dumps(outputs.lm_eval_results(results, n_source), indent=2) + "\n"
+    outputs.write_set(out, files, results)
+    shutil.rmtree(out / JOURNAL_DIR, ignore_errors=True)
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None or x != x else f"{100 * x:.2f}"
+
+
+def report(echo, results: dict, out: Path) -> None:
     t = results["timings"]
-    echo(f"hellaswag validation, n={scores.n}, {manifest.model_name} {manifest.precision} on {results['device']}, "
-         f"BOS {'on' if add_bos else 'off'}")
-    echo(f"  acc      = {100 * scores.acc:.2f} ± {100 * scores.acc_stderr:.2f}")
-    echo(f"  acc_norm = {100 * scores.acc_norm:.2f} ± {100 * scores.acc_norm_stderr:.2f}  (lm-eval: per character)")
-    echo(f"  time: load {t['load_s']:.1f} s, prepare {t['prepare_s']:.1f} s, warm-up {t['warmup_s']:.1f} s, scoring {t['scoring_s']:.1f} s "
-         f"({n_tokens / max(t['scoring_s'], 1e-9):,.0f} tok/s), total {t['total_s']:.1f} s")
+    echo(f"hellaswag validation, n={results['n']}, {results['model']} {results['precision']} on {results['device']}, "
+         f"BOS {'on' if results['bos'] else 'off'}")
+    echo(f"  acc      = {_pct(results['acc'])} ± {_pct(results['acc_stderr'])}")
+    echo(f"  acc_norm = {_pct(results['acc_norm'])} ± {_pct(results['acc_norm_stderr'])}  (lm-eval: per character)")
+    rate = results["tokens_forwarded"] / max(t["scoring_s"], 1e-9)
+    echo(f"  time: verify {t['verify_s']:.1f} s, load {t['load_s']:.1f} s, prepare {t['prepare_s']:.1f} s, "
+         f"warm-up {t['warmup_s']:.1f} s, scoring {t['scoring_s']:.1f} s ({rate:,.0f} tok/s), "
+         f"writing {t['write_s']:.1f} s, total {t['total_s']:.1f} s")
+    extra = []
+    if results["resumed_batches"]:
+        extra.append(f"resumed: {results['resumed_batches']} batches from the journal")
+    cache = results["compile_cache"]
+    if cache:
+        extra.append(f"compile cache: {cache['source'] or 'none'} (inductor graphs: {cache['fxgraph_cache_hit']} "
+                     f"from the cache, {cache['fxgraph_cache_miss']} compiled)")
+    if extra:
+        echo("  " + "; ".join(extra))
+    too_long, truncated = results["too_long_items"], results["truncated_requests"]
     if too_long or truncated:
-        echo(f"  long items: {truncated} request(s) cut on the left to the model's {max_len} tokens; "
+        echo(f"  long items: {truncated} request(s) cut on the left to the model's {results['max_seq_len']} tokens; "
              f"{len(too_long)} item(s) left out, an ending alone longer than that"
              + (f" (indices {', '.join(map(str, too_long[:10]))}{', ...' if len(too_long) > 10 else ''})"
                 if too_long else ""))
-    echo(f"  wrote {out / 'results.json'} and {out / 'samples.jsonl'}")
-    distributed.teardown(d)
-    return results
+    echo(f"  wrote {out / outputs.RESULTS}, {out / outputs.SAMPLES} and lm-eval's files in {out / outputs.LM_EVAL_DIR}")

@@ -105,18 +105,25 @@ def request_tokens(req: Request, max_len: int) -> tuple[list[int], list[int], in
 
 @torch.inference_mode()
 def score_reference(model, requests: list[Request], device, batch_tokens: int = 16384,
-                    progress=None) -> list[float]:
+                    progress=None, done=None, on_batch=None) -> list[float]:
     """The plain path: one forward per request (right-padded batches of similar length, causal
     attention, so padding never reaches a scored position). Returns the summed log-likelihood
-    of each request's continuation, accumulated in float64."""
+    of each request's continuation, accumulated in float64. done, on_batch: as PackedScorer.score
+    (batches skipped, each batch's (requests, logliks, greedy) reported)."""
     max_len = model.args.max_seq_len
     order = sorted(range(len(requests)), key=lambda r: -len(requests[r].context + requests[r].continuation))
     out = [0.0] * len(requests)
-    i = 0
+    done = done or {}
+    i, n_batch = 0, -1
     while i < len(order):
         longest = min(len(requests[order[i]].context) + len(requests[order[i]].continuation) - 1, max_len)
         batch = order[i:i + max(1, batch_tokens // longest)]
         i += len(batch)
+        n_batch += 1
+        if n_batch in done:
+            for r, ll in zip(*done[n_batch][:2]):
+                out[r] = ll
+            continue
         tokens = torch.zeros(len(batch), longest, dtype=torch.long)
         rows, cols, targets, owner = [], [], [], []
         n_inputs = 0
@@ -129,10 +136,13 @@ def score_reference(model, requests: list[Request], device, batch_tokens: int = 
             targets += tgt
             owner += [b] * len(tgt)
         hidden = model(tokens.to(device))[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
-        logp = model.token_logprobs(hidden, torch.tensor(targets, device=device)).double().cpu()
-        sums = torch.zeros(len(batch), dtype=torch.float64).index_add_(0, torch.tensor(owner), logp)
+        logp, greedy = model.token_scores(hidden, torch.tensor(targets, device=device))
+        sums = torch.zeros(len(batch), dtype=torch.float64).index_add_(0, torch.tensor(owner), logp.double().cpu())
+        misses = torch.zeros(len(batch)).index_add_(0, torch.tensor(owner), (~greedy).float().cpu())
         for b, r in enumerate(batch):
             out[r] = sums[b].item()
+        if on_batch is not None:
+            on_batch(n_batch, list(batch), [out[r] for r in batch], (misses == 0).tolist())
         if progress is not None:
             progress(n_inputs)
     return out

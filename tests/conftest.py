@@ -8,6 +8,13 @@ from runtime.hellaswag import find_shared_file
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _private_hsc_cache(tmp_path_factory, monkeypatch):
+    """hsc's per-user cache (verification records, compile caches) in a folder of the test session,
+    never the user's own ~/.cache/hsc."""
+    monkeypatch.setenv("HSC_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "hsc-cache"))
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     path = find_shared_file(REPO)

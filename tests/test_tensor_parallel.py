@@ -125,8 +125,8 @@ def run_ranks(world: int, artifact: Path, data: Path, out: Path, limit: int = N_
     """Run `artifact` as `world` CPU ranks (gloo); each rank's status: "ok" or "error: ...".
     options: more RunConfig fields."""
     status_dir = out.with_name(out.name + "-status")
-    status_dir.mkdir(parents=True)
-    cfg = RunConfig(artifact, str(data), limit, out, device="cpu", batch_tokens=BATCH_TOKENS, **options)
+    status_dir.mkdir(parents=True, exist_ok=True)
+    cfg = RunConfig(artifact, str(data), limit, out, device="cpu", **{"batch_tokens": BATCH_TOKENS, **options})
     mp.start_processes(_rank_main, args=(world, _free_port(), cfg, status_dir), nprocs=world,
                        join=True, start_method="fork")
     return [(status_dir / f"rank{r}").read_text() for r in range(world)]
@@ -173,7 +173,7 @@ def test_parallel_run_matches_one_process(built, tmp_path, model, build, world):
     assert load_manifest(art).mapping.world_size == world
     out = tmp_path / "res"
     assert run_ranks(world, art, built.data, out) == ["ok"] * world
-    assert sorted(os.listdir(out)) == ["results.json", "samples.jsonl"]  # written once, by rank 0
+    assert sorted(os.listdir(out)) == [".lock", "lm-eval", "results.json", "samples.jsonl"]  # by rank 0
     assert_same_samples(read_samples(out), built.ref[model])
     results = json.loads((out / "results.json").read_text())
     m = load_manifest(art).mapping

@@ -17,7 +17,7 @@ try:  # Ctrl-C while torch is imported: one line and 130, as at any later moment
     import click
 
     from runtime.bench import PRECISIONS as BENCH_PRECISIONS
-    from runtime.errors import HscError
+    from runtime.errors import HscError, Interrupted
     from runtime.packed import LAYOUTS
     from runtime.paths import printable
     from runtime.run import RunConfig
@@ -138,7 +138,8 @@ def compile_cmd(source, target, precision, out_dir, tokenizer_path, tp, force, d
                    "[default: shared/data/hellaswag_val_full.txt.bz2 if found, else datasets]")
 @click.option("--limit", type=int, default=RUN_DEFAULTS.limit, help="score only the first N items")
 @click.option("--output", type=click.Path(path_type=Path), default=RUN_DEFAULTS.output,
-              help="directory for results.json and samples.jsonl [default: results/<artifact>]")
+              help="directory for results.json, samples.jsonl and lm-eval's files; an earlier run's results there "
+                   "are never replaced without --overwrite [default: results/<artifact>]")
 @click.option("--bos/--no-bos", default=RUN_DEFAULTS.bos, help="override the tokenizer's BOS convention")
 @click.option("--device", default=RUN_DEFAULTS.device, show_default=True, help="auto, cpu, cuda, cuda:N")
 @click.option("--batch-tokens", type=int, default=RUN_DEFAULTS.batch_tokens, show_default=True,
@@ -157,8 +158,13 @@ def compile_cmd(source, target, precision, out_dir, tokenizer_path, tp, force, d
               help="run as N processes on this machine under torchrun (N = the plan's TP x DP; docs/distributed.md)")
 @click.option("--exclude-calibration", is_flag=True,
               help="quantized artifacts: leave out the items the compiler calibrated on (ids from the manifest)")
+@click.option("--resume", is_flag=True,
+              help="continue the interrupted run journalled in --output (same settings), scoring only what is left")
+@click.option("--overwrite", is_flag=True, help="replace the results (or journal) of an earlier run in --output")
+@click.option("--verify", is_flag=True,
+              help="hash every file of the artifact again, even those verified before and unchanged since")
 def run_cmd(artifact, data, limit, output, bos, device, batch_tokens, engine, compile_, row_len, layout, nproc,
-            exclude_calibration):
+            exclude_calibration, resume, overwrite, verify):
     """Score HellaSwag with a compiled ARTIFACT; print acc and acc_norm with standard errors."""
     from runtime.run import run
 
@@ -173,7 +179,7 @@ def run_cmd(artifact, data, limit, output, bos, device, batch_tokens, engine, co
             return
 
     run(RunConfig(artifact, data, limit, output, bos, device, batch_tokens, engine, compile_, row_len,
-                  exclude_calibration, layout),
+                  exclude_calibration, layout, resume, overwrite, verify),
         _command_line(), echo=_echo)
 
 
@@ -369,9 +375,12 @@ def main() -> None:
 def _main() -> None:
     try:
         cli(standalone_mode=False)
+    except Interrupted as e:
+        click.echo(f"hsc: interrupted: {printable(e)}", err=True)
+        sys.exit(e.exit_code)
     except HscError as e:
         click.echo(f"hsc: error: {printable(e)}", err=True)
-        sys.exit(1)
+        sys.exit(e.exit_code)
     except click.exceptions.Abort:
         click.echo("hsc: interrupted", err=True)  # click turns Ctrl-C into Abort
         sys.exit(130)

@@ -87,22 +87,6 @@ PY
   stamp DONE
 }
 
-case "${1:-}" in
-  start)
-    : > "$LOG"
-    setsid nohup bash "$0" steps >> "$LOG" 2>&1 < /dev/null &
-    echo "started; log: $LOG"
-    ;;
-  steps)
-    steps
-    ;;
-  wait)
-    # shellcheck source=docs/profiling/wait_log.sh
-    . "$(dirname "$0")/wait_log.sh"
-    wait_log "$LOG" "$OUT" "${2:-560}" "${3:-20}"
-    ;;
-  *)
-    echo "usage: bash docs/profiling/compile_30b.sh start|wait [SECONDS [LINES]]" >&2
-    exit 2
-    ;;
-esac
+# shellcheck source=docs/profiling/detached.sh
+source "$(dirname "$0")/detached.sh"
+detached "$0" "$LOG" "$OUT" "$@"

@@ -1,4 +1,4 @@
-# Sourced by the detached device scripts (compile_30b.sh, hf_checks.sh).
+# Sourced by the detached device scripts (detached.sh, hf_checks.sh).
 # wait_log LOG OUT [SECONDS [LINES]]: wait until LOG says DONE or FAILED (or SECONDS pass), copy it to OUT,
 # print its last LINES lines.
 wait_log() {
