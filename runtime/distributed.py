@@ -237,6 +237,8 @@ def setup(manifest: Manifest, device_name: str = "auto", artifact=None, warn=_wa
              device=device, is_writer=rank == 0, local_rank=local_rank, local_world_size=local_world)
     if world == 1:
         return d
+    if device.type == "cpu":
+        compile_in_process()
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -254,6 +256,18 @@ def setup(manifest: Manifest, device_name: str = "auto", artifact=None, warn=_wa
             if rank in ranks:
                 d.tp_group = group
     return d
+
+
+def compile_in_process() -> None:
+    """CPU ranks: torch.compile builds its C++ kernels in the rank's own thread, not in inductor's
+    compile-thread pool. The ranks already share the machine's cores, so a pool per rank only
+    oversubscribes them; and a rank forked from a process that had compiled before inherits that pool
+    without its threads (torch's at-fork hook resets only the process pool), so a kernel submitted to
+    it never completes and the rank waits forever. TORCHINDUCTOR_COMPILE_THREADS, if set, wins."""
+    if "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.compile_threads = 1
 
 
 def teardown(d: Dist | None) -> None:

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import socket
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,6 +29,7 @@ from runtime.artifact import load_manifest
 from runtime.config import ModelArgs
 from runtime.errors import HscError
 from runtime.run import RunConfig, run
+from tests.processes import join_processes, run_process
 from tests.tiny_meta import write_tiny_meta_checkpoint
 from toolchain.compile import compile_checkpoint
 
@@ -127,8 +127,9 @@ def run_ranks(world: int, artifact: Path, data: Path, out: Path, limit: int = N_
     status_dir = out.with_name(out.name + "-status")
     status_dir.mkdir(parents=True)
     cfg = RunConfig(artifact, str(data), limit, out, device="cpu", batch_tokens=BATCH_TOKENS, **options)
-    mp.start_processes(_rank_main, args=(world, _free_port(), cfg, status_dir), nprocs=world,
-                       join=True, start_method="fork")
+    context = mp.start_processes(_rank_main, args=(world, _free_port(), cfg, status_dir), nprocs=world,
+                                 join=False, start_method="fork")
+    join_processes(context, f"{world} forked ranks running {artifact.name}")
     return [(status_dir / f"rank{r}").read_text() for r in range(world)]
 
 
@@ -184,7 +185,10 @@ def test_parallel_run_matches_one_process(built, tmp_path, model, build, world):
 def test_parallel_flat_layout_matches_one_process(built, tmp_path):
     """The flat layout (CUDA's default: one long tree per row, FlexAttention), compiled, with its
     all-reduces inside the compiled step: TP=2 x DP=2 equals the one-process run (rows layout). Trees of
-    384 tokens make 6 rows of the 24 items, 3 for each replica."""
+    384 tokens make 6 rows of the 24 items, 3 for each replica. This process compiles first, so the
+    ranks are forked from a process whose inductor already has a compile-thread pool: a rank that
+    used that pool would wait forever on a kernel (distributed.compile_in_process)."""
+    _start_parent_compile_pool()
     out = tmp_path / "res"
     assert run_ranks(4, built.arts["gqa"]["tp2dp2"], built.data, out, layout="flat", compile=True,
                      row_len=384) == ["ok"] * 4
@@ -192,13 +196,39 @@ def test_parallel_flat_layout_matches_one_process(built, tmp_path):
     assert_same_samples(read_samples(out), built.ref["gqa"])
 
 
+def _start_parent_compile_pool() -> None:
+    """What an earlier torch.compile on the CPU leaves in this process: inductor's compile-thread pool,
+    with live threads (a compile served from inductor's cache leaves none, hence the direct call)."""
+    from torch._inductor.async_compile import AsyncCompile
+
+    if torch._inductor.async_compile.get_compile_threads() > 1:
+        AsyncCompile.pool().submit(int).result()
+
+
+def _compile_fresh_kernel(rank: int, status_dir: Path, in_process: bool) -> None:
+    if in_process:
+        distributed.compile_in_process()
+    torch._inductor.config.force_disable_caches = True  # a kernel that must be built, never loaded
+    y = torch.compile(lambda x: (x.exp() - 3).tanh() * x)(torch.ones(5))
+    (status_dir / f"rank{rank}").write_text(f"{y.sum().item():.4f}")
+
+
+def test_a_forked_cpu_rank_compiles_after_its_parent_did(tmp_path):
+    """The deadlock of forked ranks: the parent's compile pool is inherited without its threads; a CPU
+    rank compiles in its own thread (distributed.compile_in_process) and finishes."""
+    _start_parent_compile_pool()
+    context = mp.start_processes(_compile_fresh_kernel, args=(tmp_path, True), nprocs=1, join=False,
+                                 start_method="fork")
+    join_processes(context, "a forked rank compiling a kernel", timeout=180)
+    assert (tmp_path / "rank0").read_text() == "-1.3725"
+
+
 def test_nproc_relaunches_under_torchrun(built, tmp_path):
     """The real thing: `hsc run ART --nproc 2` -> torchrun -> 2 processes of `python -m toolchain.cli run`."""
     out = tmp_path / "res"
-    proc = subprocess.run([sys.executable, "-m", "toolchain.cli", "run", built.arts["mha"]["tp2"], "--data",
-                           built.data, "--limit", str(N_ITEMS), "--output", out, "--device", "cpu", "--nproc", "2"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_process([sys.executable, "-m", "toolchain.cli", "run", built.arts["mha"]["tp2"], "--data",
+                        built.data, "--limit", N_ITEMS, "--output", out, "--device", "cpu", "--nproc", "2"],
+                       cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("acc_norm") == 1  # only rank 0 prints
     assert "running it on the CPU as --device cpu asks" in proc.stderr
@@ -232,11 +262,10 @@ def test_tp_that_does_not_split_the_model_is_refused_at_compile(built, hsc, tmp_
 
 def test_more_ranks_than_the_plan_is_refused_under_torchrun(built, tmp_path):
     art = built.arts["gqa"]["tp2"]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
-                           "-m", "toolchain.cli", "run", art, "--data", built.data, "--limit", "8",
-                           "--output", tmp_path / "res", "--device", "cpu"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_process([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+                        "-m", "toolchain.cli", "run", art, "--data", built.data, "--limit", "8",
+                        "--output", tmp_path / "res", "--device", "cpu"],
+                       cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("hsc: error: ")]
     assert errors, proc.stderr
@@ -393,9 +422,8 @@ def test_manifest_without_target_info_or_resources_still_loads(built, tmp_path):
 
 def _hsc_run(built, art, out, *extra) -> list[dict]:
     """`hsc run` of the first N_ITEMS items as a separate process (as a user runs it); its samples."""
-    proc = subprocess.run([sys.executable, "-m", "toolchain.cli", "run", art, "--data", built.data,
-                           "--limit", str(N_ITEMS), "--output", out, *extra],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = run_process([sys.executable, "-m", "toolchain.cli", "run", art, "--data", built.data,
+                        "--limit", N_ITEMS, "--output", out, *extra], timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     return read_samples(out)
 
