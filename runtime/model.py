@@ -171,6 +171,15 @@ class TransformerBlock(nn.Module):
     forward_region = torch.compiler.nested_compile_region(forward)
 
 
+# The most fp32 logits the CPU holds at once (token_logprobs); logsumexp makes one more of that size.
+LOGITS_CHUNK_BYTES = 256 << 20
+
+
+def logits_chunk_rows(vocab_size: int) -> int:
+    """Scored positions per LM-head product on the CPU."""
+    return max(1, LOGITS_CHUNK_BYTES // (4 * vocab_size))
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs, tp: int = 1, tp_group=None):
         super().__init__()
@@ -222,7 +231,15 @@ class Transformer(nn.Module):
     def token_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """log p(target | prefix) for hidden states [N, dim] and targets [N], in fp32:
         logit[target] - logsumexp(logits), with fp32 logits (products summed in fp32) so that close
-        answers are not flipped by low-precision logits."""
+        answers are not flipped by low-precision logits. On the CPU in chunks of logits_chunk_rows
+        positions: a batch's ~11k positions x a 49k vocabulary would be 2.2 GB of logits, twice
+        over inside logsumexp; each row's figures are the same either way."""
+        rows = logits_chunk_rows(self.args.vocab_size)
+        if hidden.device.type == "cpu" and hidden.shape[0] > rows:
+            return torch.cat([self._token_logprobs(h, t) for h, t in zip(hidden.split(rows), targets.split(rows))])
+        return self._token_logprobs(hidden, targets)
+
+    def _token_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         w = self.output.weight
         if _bf16_on_cuda(hidden) and _bf16_on_cuda(w):
             # bf16 products summed into fp32 logits: bf16 values are exact in fp32 (and in TF32), so
