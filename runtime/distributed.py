@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -124,17 +125,35 @@ def pick_device(name: str) -> torch.device:
         raise HscError(f"--device {name}: not a device; use auto, cpu, cuda or cuda:N") from None
 
 
+def command_with(command: str, **flags) -> str:
+    """The user's `hsc ...` command line with each --flag set to the given value (replaced where the
+    user gave it, else appended): a hint that keeps every flag already typed."""
+    words = shlex.split(command)
+    for name, value in flags.items():
+        flag = "--" + name.replace("_", "-")
+        words = [*_drop_flag(words, flag), flag, str(value)]
+    return shlex.join(words)
+
+
+def _run_command(artifact, command: str | None) -> str:
+    return command if command is not None else shlex.join(["hsc", "run", str(artifact)])
+
+
 def resolve_device(manifest: Manifest, device_name: str, artifact, local_rank: int = 0,
-                   multi: bool = False, warn=_warn) -> torch.device:
+                   multi: bool = False, warn=_warn, command: str | None = None) -> torch.device:
     """auto: CUDA when present, else CPU -- but a GPU-target artifact refuses to fall back to the CPU
     silently: `--device cpu` runs it there on purpose (with a warning). With several processes
-    (multi), `cuda`/`cuda:N` always mean this process's GPU, cuda:LOCAL_RANK."""
+    (multi), `cuda`/`cuda:N` always mean this process's GPU, cuda:LOCAL_RANK. command: the user's
+    command line, which the refusal's hint repeats with what it needs (--device cpu, --nproc N)."""
     if device_name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank)
         if _is_gpu_target(manifest):
+            n = manifest.mapping.world_size
+            needs = {"device": "cpu", **({"nproc": n} if n > 1 and not multi else {})}
             raise HscError(f"{artifact}: compiled for target {manifest.target} ({_plan_text(manifest)} on GPUs) "
-                           "but no CUDA device is available; pass --device cpu to run it on the CPU anyway (slow)")
+                           f"but no CUDA device is available; to run it on the CPU anyway (slow): "
+                           f"`{command_with(_run_command(artifact, command), **needs)}`")
         return torch.device("cpu")
     device = pick_device(device_name)
     if device.type == "cuda":
@@ -199,13 +218,17 @@ def check_machine(manifest: Manifest, device: torch.device, artifact, gpus_neede
                  "the plan may not be the best one for this machine")
 
 
-def _launch_hint(manifest: Manifest, artifact) -> str:
+def _launch_hint(manifest: Manifest, artifact, command: str | None = None) -> str:
     n = manifest.mapping.world_size
-    return (f"run `hsc run {artifact} --nproc {n}` (or `torchrun --nproc-per-node {n} -m toolchain.cli "
-            f"run {artifact} ...`; several machines: see docs/distributed.md)")
+    command = _run_command(artifact, command)
+    torchrun = shlex.join(["torchrun", "--nproc-per-node", str(n), "-m", "toolchain.cli",
+                           *shlex.split(command)[1:]])
+    return (f"run `{command_with(command, nproc=n)}` (or `{torchrun}`; several machines: see "
+            f"docs/distributed.md)")
 
 
-def setup(manifest: Manifest, device_name: str = "auto", artifact=None, warn=_warn) -> Dist:
+def setup(manifest: Manifest, device_name: str = "auto", artifact=None, warn=_warn,
+          command: str | None = None) -> Dist:
     """Check the launch against the plan and the machine, then join the process group (if any).
 
     Not under torchrun: one process, which the plan must allow (world size 1). Under torchrun:
@@ -226,12 +249,13 @@ def setup(manifest: Manifest, device_name: str = "auto", artifact=None, warn=_wa
     if launched and m.tp > 1 and local_world % m.tp and local_rank == 0:
         warn(f"{artifact}: {local_world} processes per machine do not hold whole TP={m.tp} groups, so "
              f"tensor-parallel all-reduces cross machines (slow); use --nproc-per-node a multiple of {m.tp}")
-    device = resolve_device(manifest, device_name, artifact, local_rank, multi=world > 1, warn=warn)
+    device = resolve_device(manifest, device_name, artifact, local_rank, multi=world > 1, warn=warn,
+                            command=command)
     gpus_needed = local_world if launched else m.world_size
     check_machine(manifest, device, artifact, gpus_needed, tp_rank=rank % m.tp, local_rank=local_rank, warn=warn)
     if not launched and m.world_size > 1:
         raise HscError(f"{artifact}: plan {_plan_text(manifest)} needs {m.world_size} processes; "
-                       + _launch_hint(manifest, artifact))
+                       + _launch_hint(manifest, artifact, command))
 
     d = Dist(rank=rank, world_size=world, tp=m.tp, dp=m.dp, tp_rank=rank % m.tp, dp_rank=rank // m.tp,
              device=device, is_writer=rank == 0, local_rank=local_rank, local_world_size=local_world)
@@ -349,16 +373,21 @@ def gather_replicas(d: Dist, all_items: list, mine: list[int], requests: list, l
 
 # ---- `hsc run ART --nproc N`: re-launch the same command under torchrun -------------------------------------
 
-def strip_nproc(argv: list[str]) -> list[str]:
+def _drop_flag(argv: list[str], flag: str) -> list[str]:
+    """argv without `flag VALUE` and `flag=VALUE`."""
     out, skip = [], False
     for a in argv:
         if skip:
             skip = False
-        elif a == "--nproc":
+        elif a == flag:
             skip = True
-        elif not a.startswith("--nproc="):
+        elif not a.startswith(flag + "="):
             out.append(a)
     return out
+
+
+def strip_nproc(argv: list[str]) -> list[str]:
+    return _drop_flag(argv, "--nproc")
 
 
 def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
@@ -377,7 +406,8 @@ def launch(artifact, nproc: int, argv: list[str]) -> int | None:
     manifest = load_manifest(Path(artifact))
     want = manifest.mapping.world_size
     if nproc != want:
-        raise HscError(f"{artifact}: --nproc {nproc}, but its plan is {_plan_text(manifest)}: use --nproc {want}")
+        raise HscError(f"{artifact}: --nproc {nproc}, but its plan is {_plan_text(manifest)}: use --nproc {want}: "
+                       f"`{command_with(shlex.join(['hsc', *argv]), nproc=want)}`")
     if nproc == 1:
         return None
     cmd = torchrun_command(nproc, argv)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import bz2
 import json
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,6 +102,8 @@ def load_jsonl(path: Path) -> tuple[list[Item], set[str]]:
 
 
 def load_datasets(split: str = "validation") -> list[Item]:
+    print(f"hsc: loading Rowan/hellaswag ({split} split) through `datasets` (from its cache, else the network; "
+          "HF_HUB_OFFLINE=1: the cache only)", file=sys.stderr, flush=True)
     try:
         import datasets
 
@@ -121,9 +124,18 @@ def find_shared_file(start: Path | None = None) -> Path | None:
     return None
 
 
+def no_data_error(start: Path | None = None) -> HscError:
+    """No --data and no shared file: say where hsc looked and what to pass (the `datasets` route may
+    spend half a minute retrying the network, so it is never taken without being asked for)."""
+    start = (start or Path.cwd()).resolve()
+    return HscError(f"no --data given and no {SHARED_FILE} found in or beside {start} or any folder above "
+                    f"it; pass --data FILE (the official hellaswag_val.jsonl, or hellaswag_val_full.txt.bz2) "
+                    f"or --data datasets (Rowan/hellaswag through the `datasets` cache or network)")
+
+
 def load_items(data: str | None) -> tuple[list[Item], str]:
     """Items and a description of where they came from. `data`: a file, "datasets", or None
-    (the shared validation file if one is found, else `datasets`)."""
+    (the shared validation file if one is found, else no_data_error)."""
     items, source, _ = load_split(data)
     return items, source
 
@@ -140,7 +152,9 @@ def load_split(data: str | None, datasets_split: str = "validation") -> tuple[li
     if data == "datasets":
         path = None
     elif data is None:
-        path = find_shared_file()  # None: there is none, so datasets
+        path = find_shared_file()
+        if path is None:
+            raise no_data_error()
     else:
         path = Path(data)
     if path is None:

@@ -546,7 +546,7 @@ class PackedScorer:
     @torch.inference_mode()
     def score(self, batches: Batches, progress=None, sync_every: int = 8) -> list[float]:
         """The log-likelihood of every packed request, in order; NaN for those of items that another
-        replica's rows hold (Batches.items_held)."""
+        replica's rows hold (Batches.items_held). progress(n): n more scored tokens."""
         outputs, reported = [], 0
         n_batches = batches.tokens.shape[0]
         for b in range(n_batches):
@@ -556,7 +556,7 @@ class PackedScorer:
                 # Wait for the device now and then, so the live tokens/s is the device's, not the queue's.
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
-                progress(sum(batches.real_tokens[reported:b + 1]))
+                progress(int((batches.target_request[reported:b + 1] >= 0).sum()))
                 reported = b + 1
         logp = torch.stack(outputs).double().cpu().flatten()
         owner = batches.target_request.flatten()

@@ -9,20 +9,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
-
 from runtime import distributed
 from runtime.artifact import load_manifest, load_tokenizer, manifest_sha256
 from runtime.errors import HscError
 from runtime.hellaswag import load_items
 from runtime.packed import FLAT_NEEDS_COMPILE, PackedScorer
-from runtime.scoring import build_requests, compute_scores, predictions, request_tokens, score_reference
+from runtime.progress import Progress
+from runtime.scoring import (build_requests, compute_scores, predictions, request_tokens, score_reference,
+                             scored_tokens)
 
 
 @dataclass(frozen=True)
 class RunConfig:
     artifact: Path
-    data: str | None = None  # file, "datasets", or None: the shared validation file, else datasets
+    data: str | None = None  # file, "datasets", or None: the shared validation file (an error if none is found)
     limit: int | None = None  # score items [0, limit)
     output: Path | None = None  # default: results/<artifact name>
     bos: bool | None = None  # None: the tokenizer's own convention, from the manifest
@@ -157,7 +157,7 @@ def run(cfg: RunConfig, command: str, echo=print) -> dict:
     manifest = load_manifest(cfg.artifact)
     # One process per rank of the plan (TP x DP, runtime/distributed.py): the launch and the machine
     # are checked against the plan before any weight is read.
-    d = distributed.setup(manifest, cfg.device, artifact=cfg.artifact)
+    d = distributed.setup(manifest, cfg.device, artifact=cfg.artifact, command=command)
     device = d.device
     items, data_source = load_items(cfg.data)
     if cfg.limit is not None:
@@ -203,14 +203,14 @@ def run(cfg: RunConfig, command: str, echo=print) -> dict:
     t_warm = time.perf_counter()
 
     n_tokens = engine.tokens(prepared)
-    with tqdm(total=n_tokens, unit="tok", unit_scale=True, desc="scoring",
-              disable=None if d.is_writer else True) as bar:
+    mine_requests = [r for i in mine for r in requests[4 * i: 4 * i + 4]]
+    with Progress(scored_tokens(mine_requests), "scoring", "scored tok", enabled=d.is_writer) as bar:
         logliks = engine.score(prepared, progress=bar.update)
     if device.type == "cuda":
         torch.cuda.synchronize()
     distributed.barrier(d)
     t_scored = time.perf_counter()
-    requests = [r for i in mine for r in requests[4 * i: 4 * i + 4]]
+    requests = mine_requests
     # The writer (global rank 0) collects every replica's requests and log-likelihoods in item order.
     gathered = distributed.gather_replicas(d, items, mine, requests, logliks, n_tokens)
     if gathered is None:  # not the writer: only rank 0 prints and writes
@@ -219,6 +219,7 @@ def run(cfg: RunConfig, command: str, echo=print) -> dict:
     items, requests, logliks, n_tokens = gathered
 
     preds, preds_norm = predictions(items, logliks)
+    n_scored = scored_tokens(requests)
     scores = compute_scores(items, preds, preds_norm)
     results = {
         **asdict(scores),
@@ -234,6 +235,8 @@ def run(cfg: RunConfig, command: str, echo=print) -> dict:
         "calibration_excluded": bool(cfg.exclude_calibration and calibration_overlap),
         "join_mismatch_requests": sum(r.join_mismatch for r in requests),
         "tokens_forwarded": n_tokens,
+        "scored_tokens": n_scored,  # the throughput's unit, the same for both engines
+        "scored_tokens_per_s": round(n_scored / max(t_scored - t_warm, 1e-9), 1),
         "engine": cfg.engine,
         "batch_shape": engine.batch_shape,  # packed: [rows, row length, targets]
         "layout": engine.layout,
@@ -263,7 +266,7 @@ def run(cfg: RunConfig, command: str, echo=print) -> dict:
     echo(f"  acc      = {100 * scores.acc:.2f} ± {100 * scores.acc_stderr:.2f}")
     echo(f"  acc_norm = {100 * scores.acc_norm:.2f} ± {100 * scores.acc_norm_stderr:.2f}  (lm-eval: per character)")
     echo(f"  time: load {t['load_s']:.1f} s, prepare {t['prepare_s']:.1f} s, warm-up {t['warmup_s']:.1f} s, scoring {t['scoring_s']:.1f} s "
-         f"({n_tokens / max(t['scoring_s'], 1e-9):,.0f} tok/s), total {t['total_s']:.1f} s")
+         f"({results['scored_tokens_per_s']:,.0f} scored tokens/s), total {t['total_s']:.1f} s")
     echo(f"  wrote {out / 'results.json'} and {out / 'samples.jsonl'}")
     distributed.teardown(d)
     return results

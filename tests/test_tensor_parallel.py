@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import socket
 import sys
@@ -278,13 +279,32 @@ def test_launch_mismatches_are_refused_in_process(built, hsc, tmp_path):
     # Not launched: the one-line error gives the exact command.
     code, _, err = hsc("run", art, "--device", "cpu", "--data", built.data, "--limit", 8)
     assert code == 1 and len(err.splitlines()) == 2  # the --device cpu warning, then the error
-    assert f"hsc run {art} --nproc 4" in err and "torchrun --nproc-per-node 4" in err
+    assert f"`hsc run {art} --device cpu --data {built.data} --limit 8 --nproc 4`" in err  # the user's flags kept
+    assert f"`torchrun --nproc-per-node 4 -m toolchain.cli run {art} --device cpu --data {built.data} --limit 8`" in err
     # --nproc that disagrees with the plan: refused before anything is launched.
-    code, _, err = hsc("run", art, "--device", "cpu", "--nproc", "2")
+    code, _, err = hsc("run", art, "--device", "cpu", "--nproc", "2", "--limit", "3")
     assert code == 1 and "--nproc 2" in err and "use --nproc 4" in err and len(err.splitlines()) == 1
+    assert f"`hsc run {art} --device cpu --limit 3 --nproc 4`" in err
     # A GPU-target artifact does not fall back to the CPU silently.
     code, _, err = hsc("run", art)
     assert code == 1 and "no CUDA device" in err and "--device cpu" in err
+
+
+def test_a_gpu_artifact_on_the_cpu_takes_one_round(built, hsc, monkeypatch, tmp_path):
+    """A v100x4 artifact run on a machine without a GPU: the hint is the user's own command with
+    --device cpu and --nproc 4 added, and that command is accepted (launched, here recorded)."""
+    art = tmp_path / "v100"
+    compile_checkpoint(built.root / "ckpt-gqa", "v100x4", "auto", art, "test", tp=4, log=lambda *_: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, _, err = hsc("run", art, "--data", built.data, "--limit", 8, "--batch-tokens", 1024)
+    assert code == 1 and len(err.splitlines()) == 1
+    hint = err.split("`")[1]
+    assert hint == f"hsc run {art} --data {built.data} --limit 8 --batch-tokens 1024 --device cpu --nproc 4"
+    launched = []
+    monkeypatch.setattr(distributed.subprocess, "call", lambda cmd: launched.append(cmd) or 0)
+    code, _, err = hsc(*shlex.split(hint)[1:])
+    assert code == 0, err
+    assert launched[0][1:] == distributed.torchrun_command(4, shlex.split(hint)[1:])[1:]
 
 
 @pytest.mark.parametrize("engine", ["packed", "reference"])

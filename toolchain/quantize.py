@@ -43,7 +43,7 @@ class QuantOptions:
     """How a quantized precision (fp8/int8/w8) is calibrated, smoothed and checked (`hsc compile --calib-*`,
     `--check-items`, `--max-drop`)."""
 
-    calib_data: str | None = None  # as `hsc run --data`: None = the shared validation file, else datasets
+    calib_data: str | None = None  # as `hsc run --data`: None = the shared validation file
     calib_items: int = 512
     calib_seed: int = 0
     alpha: float | str = "auto"  # "auto": toolchain.smoothquant.choose_alpha per layer
