@@ -31,6 +31,7 @@ import torch.distributed as dist
 from runtime.artifact import build_model, load_manifest
 from runtime.config import Manifest
 from runtime.errors import HscError
+from runtime.errors import warn as _warn
 
 GIB = 1 << 30
 
@@ -107,10 +108,6 @@ def _is_gpu_target(manifest: Manifest) -> bool:
     if info is not None:
         return bool(info.get("n_gpus"))
     return manifest.target != "cpu"  # manifests written before target_info existed
-
-
-def _warn(message: str) -> None:
-    print(f"hsc: warning: {' '.join(message.split())}", file=sys.stderr, flush=True)
 
 
 def pick_device(name: str) -> torch.device:

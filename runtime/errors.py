@@ -15,3 +15,10 @@ class HscError(Exception):
 
 def file_error(path, problem: str) -> HscError:
     return HscError(f"{path}: {problem}")
+
+
+def warn(message: str) -> None:
+    """A user-facing warning: one `hsc: warning: ...` line on stderr; the command goes on."""
+    import sys
+
+    print(f"hsc: warning: {' '.join(str(message).split())}", file=sys.stderr, flush=True)

@@ -13,9 +13,10 @@ LOG_EVERY_S = 30.0
 
 
 class Progress:
-    def __init__(self, total: int, desc: str, unit: str, enabled: bool = True, every_s: float = LOG_EVERY_S,
+    def __init__(self, total: int, desc: str, unit: str, enabled: bool = True, every_s: float | None = None,
                  stream=None):
-        self.total, self.desc, self.unit, self.every_s = total, desc, unit, every_s
+        self.total, self.desc, self.unit = total, desc, unit
+        self.every_s = LOG_EVERY_S if every_s is None else every_s
         self.stream = stream if stream is not None else sys.stderr
         self.done, self.start = 0, time.monotonic()
         self.last = self.start

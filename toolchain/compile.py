@@ -139,7 +139,7 @@ def write_artifact(src: ModelSource, plan: Plan, target: str, out_dir: Path, com
                 quant = dataclasses.replace(quant, calib_seed=stats.seed, calib_items=len(stats.item_indices))
             else:
                 stats = calibrate_source(src, items, calib_source, calib_split, tokenizer, tok.add_bos, quant, log,
-                                         spill_dir=tmp / SAMPLES_SPILL)
+                                         spill_dir=tmp / SAMPLES_SPILL, target=target)
                 stats.save(tmp / CALIBRATION_FILE, with_samples=False)
             # The check rides along pass 2 on items calibration did not see.
             check = start_check(src, items, calib_source, tokenizer, tok.add_bos, stats.item_indices, dtype,
