@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -169,6 +170,34 @@ def _cc_text(cc: tuple[int, int]) -> str:
     return f"sm_{cc[0]}{cc[1]}"
 
 
+# The torch build to install for a GPU whose compute capability the installed one has no kernels for:
+# torch 2.12-2.14 ship CUDA 12.6 wheels for sm_50..sm_90 (Volta included) and CUDA 13.0 wheels for
+# sm_75 and newer (docs/gpu-setup.md).
+TORCH_VERSION = "2.13.0"
+
+
+def torch_build_for(cc: tuple[int, int]) -> str:
+    """The pip command that installs a torch build with kernels for compute capability `cc`."""
+    build = "cu126" if cc < (7, 5) else "cu130"
+    return f"pip install torch=={TORCH_VERSION} --index-url https://download.pytorch.org/whl/{build}"
+
+
+def runs_on(cc: tuple[int, int], arch_list: list[str]) -> bool:
+    """Whether a torch built for `arch_list` (torch.cuda.get_arch_list(): sm_XY machine code, compute_XY
+    PTX) has kernels for a GPU of compute capability cc: sm_XY code runs on X.Y and later minors of
+    the same major (arch-specific sm_XYa only on X.Y); compute_XY PTX is compiled for any cc >= X.Y."""
+    for arch in arch_list:
+        m = re.fullmatch(r"(sm|compute)_(\d+)([a-z]?)", arch)
+        if m is None:
+            continue
+        built = divmod(int(m.group(2)), 10)
+        if m.group(1) == "compute" and cc >= built:
+            return True
+        if m.group(1) == "sm" and (cc == built or (not m.group(3) and cc[0] == built[0] and cc[1] >= built[1])):
+            return True
+    return False
+
+
 def check_machine(manifest: Manifest, device: torch.device, artifact, gpus_needed: int,
                   tp_rank: int | None = None, local_rank: int = 0, warn=_warn) -> None:
     """Compare the plan with the GPUs present, before any weight is read (CUDA only).
@@ -193,9 +222,14 @@ def check_machine(manifest: Manifest, device: torch.device, artifact, gpus_neede
     want = required_cc(manifest)
     target_gpu = str(info.get("gpu") or "")
     target_cc = _cc(info.get("compute_capability"))
+    arch_list = torch.cuda.get_arch_list()  # empty: cannot tell (not a CUDA build)
     for i in indices:
         props = torch.cuda.get_device_properties(i)
         name, cc, total = props.name, (props.major, props.minor), props.total_memory
+        if arch_list and not runs_on(cc, arch_list):
+            raise HscError(f"torch {torch.__version__} has no kernels for GPU {i} ({name}, {_cc_text(cc)}): it was "
+                           f"built for {' '.join(arch_list)}; install a build that has them: `{torch_build_for(cc)}` "
+                           "(docs/gpu-setup.md)")
         if total < need:
             raise HscError(f"{artifact}: {shard.file} needs about {need / GIB:.1f} GiB per GPU "
                            f"({shard.bytes / GIB:.2f} GiB of weights x {WEIGHT_OVERHEAD} + "

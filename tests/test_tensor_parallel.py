@@ -468,3 +468,29 @@ def test_parallel_runs_over_nccl_match_one_gpu(built, tmp_path, request, build, 
     assert max(abs(a - b) for g, w in zip(many, one) for a, b in zip(g["loglik"], w["loglik"])) < 1e-3
     results = json.loads((tmp_path / "many" / "results.json").read_text())
     assert (results["backend"], results["tp"], results["dp"]) == ("nccl", tp, dp)
+
+
+@pytest.mark.parametrize("cc, arch_list, runs", [
+    ((7, 0), ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"], False),  # V100, cu130
+    ((7, 0), ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"], True),  # V100, cu126
+    ((8, 6), ["sm_80", "sm_90"], True),  # sm_80 code runs on later minors of major 8
+    ((8, 9), ["sm_75", "sm_90a"], False),  # arch-specific code: only on 9.0
+    ((9, 0), ["sm_90a"], True),
+    ((10, 3), ["sm_75", "compute_90"], True),  # PTX: compiled for any newer GPU
+    ((8, 0), ["compute_90"], False),
+])
+def test_kernels_for_the_gpu(cc, arch_list, runs):
+    assert distributed.runs_on(cc, arch_list) == runs
+
+
+def test_a_torch_build_without_kernels_for_the_gpu_is_refused(built, hsc, monkeypatch, no_weights_read):
+    """A V100 under a torch built without sm_70 (CUDA 13): one line naming the build to install."""
+    art = built.root / "gqa-v100x4"
+    compile_checkpoint(built.root / "ckpt-gqa", "v100x4", "fp16", art, "test", tp=4, log=lambda *_: None)
+    fake_gpus(monkeypatch, 4, "Tesla V100-SXM2-32GB", (7, 0), 32)
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_75", "sm_80", "sm_90", "sm_100", "sm_120"])
+    monkeypatch.setattr(torch.cuda, "set_device", lambda *_: None)
+    code, _, err = hsc("run", art, "--data", built.data, "--limit", 8)
+    assert code == 1 and len(err.splitlines()) == 1
+    assert "has no kernels for GPU 0 (Tesla V100-SXM2-32GB, sm_70)" in err
+    assert "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126" in err

@@ -260,7 +260,7 @@ def warn_if_slow(args: ModelArgs, items: list[Item], tokenizer: Tokenizer, add_b
     rate = cpu_matmul_rate(args.dim)
     seconds, n_tokens = forward_seconds(args, items, tokenizer, add_bos, opts, rate)
     if seconds > SLOW_COMPILE_S:
-        warn(f"this quantized compile for {target} computes on the CPU: about {seconds / 60:.0f} min here "
+        warn(f"this quantized compile for {target} computes on the CPU: at least {seconds / 60:.0f} min here "
              f"(calibration and check forwards: ~{n_tokens:,} tokens through {args.n_layers} layers at a measured "
              f"{rate / 1e9:.0f} GFLOP/s); on a machine with a GPU, --device cuda takes a small part of that")
     return seconds
