@@ -1,6 +1,7 @@
 """Progress of a step that takes more than a few seconds, on stderr: a tqdm bar on a terminal; in a
-log (stderr not a terminal) plain lines, one every `every_s` seconds and one at the end, so a log
-shows the step is alive and how long it has left without a bar's carriage returns."""
+log (stderr not a terminal) plain lines, one every `every_s` seconds and, if there was one, one at the
+end, so a log shows the step is alive and how long it has left without a bar's carriage returns (and
+a short step stays silent)."""
 
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        elif self.lines and self.done:
+        elif self.lines and self.last > self.start:  # a long step: its last line too
             self._line()
 
     def __enter__(self) -> "Progress":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,6 +48,7 @@ class ReferenceEngine:
 
     layout = None
     batch_shape = None
+    compiled = False
 
     def __init__(self, model, cfg: RunConfig, device):
         self.model, self.cfg, self.device = model, cfg, device
@@ -72,7 +74,7 @@ class PackedEngine:
     packing, so it runs exactly the rows that one GPU runs, as many to a batch."""
 
     def __init__(self, scorer: PackedScorer):
-        self.scorer, self.layout, self.batch_shape = scorer, scorer.layout, None
+        self.scorer, self.layout, self.batch_shape, self.compiled = scorer, scorer.layout, None, scorer.compiled
         self.held: list[int] = []  # positions of the items the prepared batches score
 
     def prepare(self, requests, replica=(0, 1)):
@@ -196,6 +198,9 @@ def run(cfg: RunConfig, command: str, echo=print) -> dict:
     prepared, mine = engine.prepare(requests, replica=(d.dp_rank, d.dp))
     t_prepared = time.perf_counter()
     # Warm-up: compilation, CUDA-graph capture, kernel selection, allocator growth.
+    if d.is_writer and engine.compiled:
+        print("hsc: compiling the scoring step (torch.compile), which takes a while the first time",
+              file=sys.stderr, flush=True)
     engine.warmup(prepared)
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -416,3 +416,4 @@ def test_a_slow_quantized_compile_warns_with_its_estimate(tiny_checkpoint, monke
         assert f"at least {seconds / 60:.0f} min here" in warnings[0] and "h200x1" in warnings[0]
     assert quantize.warn_if_slow(meta.args, items, tok, True, quantize.QuantOptions(), torch.device("cuda"),
                                  "h200x1", warnings.append) is None
+

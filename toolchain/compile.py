@@ -19,6 +19,7 @@ import torch
 from runtime.config import (FORMAT_VERSION, MANIFEST_NAME, PRECISION_DTYPES, QUANTIZED_PRECISIONS, LAYER_TENSORS,
                             Manifest, Provenance, ShardFile, TokenizerInfo, global_shapes, layer_shapes)
 from runtime.errors import HscError, file_error
+from runtime.progress import Progress
 from runtime.quant import scheme_for
 from toolchain import __version__
 from toolchain.hashing import combined_sha256
@@ -154,9 +155,11 @@ def write_artifact(src: ModelSource, plan: Plan, target: str, out_dir: Path, com
         writers = [StreamingSafetensorsWriter(tmp / f"rank{r}.safetensors", layout,
                                               {**meta, "tp_rank": str(r), "tp": str(tp)})
                    for r in range(tp)]
-        for name, tensor in stream:  # pass 2 (quantized): smooth, quantize, write
-            for r, w in enumerate(writers):
-                w.write(name, shard_tensor(name, tensor, tp, r))
+        with Progress(len(layout), "writing", "tensors") as bar:
+            for name, tensor in stream:  # pass 2 (quantized): smooth, quantize, write
+                for r, w in enumerate(writers):
+                    w.write(name, shard_tensor(name, tensor, tp, r))
+                bar.update()
         shards = tuple(ShardFile(file=w.path.name, tp_rank=r, sha256=w.close(), bytes=w.bytes,
                                  params_by_dtype=w.params_by_dtype) for r, w in enumerate(writers))
         shutil.rmtree(tmp / SAMPLES_SPILL, ignore_errors=True)  # empty by now: pass 2 deleted each layer's
