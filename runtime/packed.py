@@ -552,8 +552,8 @@ class PackedScorer:
         for b in range(n_batches):
             logp = self.step(*self._step_args(batches, b))
             outputs.append(logp.clone())  # CUDA-graph outputs are overwritten by the next replay
-            if progress is not None and ((b + 1) % sync_every == 0 or b + 1 == n_batches):
-                # Wait for the device now and then, so the live tokens/s is the device's, not the queue's.
+            if progress is not None and (self.device.type != "cuda" or (b + 1) % sync_every == 0 or b + 1 == n_batches):
+                # On a GPU, wait for the device now and then, so the live rate is the device's, not the queue's.
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 progress(int((batches.target_request[reported:b + 1] >= 0).sum()))
