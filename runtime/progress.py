@@ -20,7 +20,7 @@ class Progress:
         self.every_s = LOG_EVERY_S if every_s is None else every_s
         self.stream = stream if stream is not None else sys.stderr
         self.done, self.start = 0, time.monotonic()
-        self.last = self.start
+        self.last, self.logged = self.start, 0  # when the last line was printed, and its count
         tty = self.stream.isatty()
         self.bar = tqdm(total=total, unit=unit, desc=desc, file=self.stream) if enabled and tty else None
         self.lines = enabled and not tty
@@ -33,7 +33,7 @@ class Progress:
             self._line()
 
     def _line(self) -> None:
-        self.last = time.monotonic()
+        self.last, self.logged = time.monotonic(), self.done
         print(f"hsc: {self.line()}", file=self.stream, flush=True)
 
     def line(self) -> str:
@@ -47,7 +47,7 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        elif self.lines and self.last > self.start:  # a long step: its last line too
+        elif self.lines and self.last > self.start and self.logged != self.done:  # a long step: its end too
             self._line()
 
     def __enter__(self) -> "Progress":

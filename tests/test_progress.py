@@ -28,6 +28,7 @@ def test_a_long_step_logs_plain_lines(monkeypatch):
     assert lines[0].startswith("hsc: scoring: 1/4 scored tok (25%), ") and "s left" in lines[0]
     assert lines[-1].startswith("hsc: scoring: 4/4 scored tok (100%), ") and "left" not in lines[-1]
     assert "\r" not in log.getvalue()
+    assert len(lines) == 2  # the end is not printed twice
 
 
 def test_a_terminal_gets_a_bar_and_a_rank_other_than_0_nothing():
