@@ -124,13 +124,13 @@ def find_shared_file(start: Path | None = None) -> Path | None:
     return None
 
 
-def no_data_error(start: Path | None = None) -> HscError:
-    """No --data and no shared file: say where hsc looked and what to pass (the `datasets` route may
+def no_data_error(flag: str = "--data", start: Path | None = None) -> HscError:
+    """No `flag` and no shared file: say where hsc looked and what to pass (the `datasets` route may
     spend half a minute retrying the network, so it is never taken without being asked for)."""
     start = (start or Path.cwd()).resolve()
-    return HscError(f"no --data given and no {SHARED_FILE} found in or beside {start} or any folder above "
-                    f"it; pass --data FILE (the official hellaswag_val.jsonl, or hellaswag_val_full.txt.bz2) "
-                    f"or --data datasets (Rowan/hellaswag through the `datasets` cache or network)")
+    return HscError(f"no {flag} given and no {SHARED_FILE} found in or beside {start} or any folder above "
+                    f"it; pass {flag} FILE (the official hellaswag_val.jsonl, or hellaswag_val_full.txt.bz2) "
+                    f"or {flag} datasets (Rowan/hellaswag through the `datasets` cache or network)")
 
 
 def load_items(data: str | None) -> tuple[list[Item], str]:
@@ -144,17 +144,19 @@ def load_items(data: str | None) -> tuple[list[Item], str]:
 _OFFICIAL_SPLITS = {"train": "train", "val": "validation", "test": "test"}
 
 
-def load_split(data: str | None, datasets_split: str = "validation") -> tuple[list[Item], str, str]:
+def load_split(data: str | None, datasets_split: str = "validation", flag: str = "--data"
+               ) -> tuple[list[Item], str, str]:
     """load_items, and the split the items come from: "train", "validation", "test" or "unknown".
     With `datasets`: `datasets_split`. A file: the official jsonl's `split` field where every item has
     one and they agree; else a word of its name (train; val, validation or dev; test); else
-    "validation" for a file of exactly the validation set's 10,042 items; else "unknown"."""
+    "validation" for a file of exactly the validation set's 10,042 items; else "unknown". flag: the option
+    that gave `data`, for the error when it was left out and no shared file is found."""
     if data == "datasets":
         path = None
     elif data is None:
         path = find_shared_file()
         if path is None:
-            raise no_data_error()
+            raise no_data_error(flag)
     else:
         path = Path(data)
     if path is None:

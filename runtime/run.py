@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
 from runtime import distributed
 from runtime.artifact import load_manifest, load_tokenizer, manifest_sha256
 from runtime.errors import HscError

@@ -425,3 +425,11 @@ def test_data_from_datasets_is_announced(monkeypatch, capsys):
     with pytest.raises(HscError, match="pass --data FILE"):
         runtime.hellaswag.load_split("datasets")
     assert "through `datasets`" in capsys.readouterr().err
+
+
+def test_no_calib_data_and_no_shared_file_names_the_compile_flag(tmp_path, monkeypatch):
+    from runtime.hellaswag import load_split
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(HscError, match="no --calib-data given .* pass --calib-data FILE"):
+        load_split(None, flag="--calib-data")

@@ -217,7 +217,7 @@ def calibration_items(tmp: Path, tok, tok_file: str, opts: QuantOptions,
             log("calibration: datasets has no train split of Rowan/hellaswag here; using the validation split")
             items, source, split = load_split("datasets", datasets_split="validation")
     else:
-        items, source, split = load_split(opts.calib_data)
+        items, source, split = load_split(opts.calib_data, flag="--calib-data")
     return items, source, split, Tokenizer(tok.kind, tmp / tok_file, tok.bos_id, tok.eos_id)
 
 
