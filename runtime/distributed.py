@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import atexit
 import os
+import re
+import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -31,7 +33,7 @@ import torch.distributed as dist
 from runtime.artifact import build_model, load_manifest
 from runtime.config import Manifest
 from runtime.errors import HscError
-from runtime.paths import printable
+from runtime.errors import warn as _warn
 
 GIB = 1 << 30
 
@@ -110,10 +112,6 @@ def _is_gpu_target(manifest: Manifest) -> bool:
     return manifest.target != "cpu"  # manifests written before target_info existed
 
 
-def _warn(message: str) -> None:
-    print(f"hsc: warning: {printable(' '.join(message.split()))}", file=sys.stderr, flush=True)
-
-
 def pick_device(name: str) -> torch.device:
     """The one place device names are validated."""
     if name == "auto":
@@ -126,17 +124,35 @@ def pick_device(name: str) -> torch.device:
         raise HscError(f"--device {name}: not a device; use auto, cpu, cuda or cuda:N") from None
 
 
+def command_with(command: str, **flags) -> str:
+    """The user's `hsc ...` command line with each --flag set to the given value (replaced where the
+    user gave it, else appended): a hint that keeps every flag already typed."""
+    words = shlex.split(command)
+    for name, value in flags.items():
+        flag = "--" + name.replace("_", "-")
+        words = [*_drop_flag(words, flag), flag, str(value)]
+    return shlex.join(words)
+
+
+def _run_command(artifact, command: str | None) -> str:
+    return command if command is not None else shlex.join(["hsc", "run", str(artifact)])
+
+
 def resolve_device(manifest: Manifest, device_name: str, artifact, local_rank: int = 0,
-                   multi: bool = False, warn=_warn) -> torch.device:
+                   multi: bool = False, warn=_warn, command: str | None = None) -> torch.device:
     """auto: CUDA when present, else CPU -- but a GPU-target artifact refuses to fall back to the CPU
     silently: `--device cpu` runs it there on purpose (with a warning). With several processes
-    (multi), `cuda`/`cuda:N` always mean this process's GPU, cuda:LOCAL_RANK."""
+    (multi), `cuda`/`cuda:N` always mean this process's GPU, cuda:LOCAL_RANK. command: the user's
+    command line, which the refusal's hint repeats with what it needs (--device cpu, --nproc N)."""
     if device_name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank)
         if _is_gpu_target(manifest):
+            n = manifest.mapping.world_size
+            needs = {"device": "cpu", **({"nproc": n} if n > 1 and not multi else {})}
             raise HscError(f"{artifact}: compiled for target {manifest.target} ({_plan_text(manifest)} on GPUs) "
-                           "but no CUDA device is available; pass --device cpu to run it on the CPU anyway (slow)")
+                           f"but no CUDA device is available; to run it on the CPU anyway (slow): "
+                           f"`{command_with(_run_command(artifact, command), **needs)}`")
         return torch.device("cpu")
     device = pick_device(device_name)
     if device.type == "cuda":
@@ -153,6 +169,34 @@ def _cc(x) -> tuple[int, int] | None:
 
 def _cc_text(cc: tuple[int, int]) -> str:
     return f"sm_{cc[0]}{cc[1]}"
+
+
+# The torch build to install for a GPU whose compute capability the installed one has no kernels for:
+# torch 2.12-2.14 ship CUDA 12.6 wheels for sm_50..sm_90 (Volta included) and CUDA 13.0 wheels for
+# sm_75 and newer (docs/gpu-setup.md).
+TORCH_VERSION = "2.13.0"
+
+
+def torch_build_for(cc: tuple[int, int]) -> str:
+    """The pip command that installs a torch build with kernels for compute capability `cc`."""
+    build = "cu126" if cc < (7, 5) else "cu130"
+    return f"pip install torch=={TORCH_VERSION} --index-url https://download.pytorch.org/whl/{build}"
+
+
+def runs_on(cc: tuple[int, int], arch_list: list[str]) -> bool:
+    """Whether a torch built for `arch_list` (torch.cuda.get_arch_list(): sm_XY machine code, compute_XY
+    PTX) has kernels for a GPU of compute capability cc: sm_XY code runs on X.Y and later minors of
+    the same major (arch-specific sm_XYa only on X.Y); compute_XY PTX is compiled for any cc >= X.Y."""
+    for arch in arch_list:
+        m = re.fullmatch(r"(sm|compute)_(\d+)([a-z]?)", arch)
+        if m is None:
+            continue
+        built = divmod(int(m.group(2)), 10)
+        if m.group(1) == "compute" and cc >= built:
+            return True
+        if m.group(1) == "sm" and (cc == built or (not m.group(3) and cc[0] == built[0] and cc[1] >= built[1])):
+            return True
+    return False
 
 
 def check_machine(manifest: Manifest, device: torch.device, artifact, gpus_needed: int,
@@ -179,9 +223,14 @@ def check_machine(manifest: Manifest, device: torch.device, artifact, gpus_neede
     want = required_cc(manifest)
     target_gpu = str(info.get("gpu") or "")
     target_cc = _cc(info.get("compute_capability"))
+    arch_list = torch.cuda.get_arch_list()  # empty: cannot tell (not a CUDA build)
     for i in indices:
         props = torch.cuda.get_device_properties(i)
         name, cc, total = props.name, (props.major, props.minor), props.total_memory
+        if arch_list and not runs_on(cc, arch_list):
+            raise HscError(f"torch {torch.__version__} has no kernels for GPU {i} ({name}, {_cc_text(cc)}): it was "
+                           f"built for {' '.join(arch_list)}; install a build that has them: `{torch_build_for(cc)}` "
+                           "(docs/gpu-setup.md)")
         if total < need:
             raise HscError(f"{artifact}: {shard.file} needs about {need / GIB:.1f} GiB per GPU "
                            f"({shard.bytes / GIB:.2f} GiB of weights x {WEIGHT_OVERHEAD} + "
@@ -201,13 +250,17 @@ def check_machine(manifest: Manifest, device: torch.device, artifact, gpus_neede
                  "the plan may not be the best one for this machine")
 
 
-def _launch_hint(manifest: Manifest, artifact) -> str:
+def _launch_hint(manifest: Manifest, artifact, command: str | None = None) -> str:
     n = manifest.mapping.world_size
-    return (f"run `hsc run {artifact} --nproc {n}` (or `torchrun --nproc-per-node {n} -m toolchain.cli "
-            f"run {artifact} ...`; several machines: see docs/distributed.md)")
+    command = _run_command(artifact, command)
+    torchrun = shlex.join(["torchrun", "--nproc-per-node", str(n), "-m", "toolchain.cli",
+                           *shlex.split(command)[1:]])
+    return (f"run `{command_with(command, nproc=n)}` (or `{torchrun}`; several machines: see "
+            f"docs/distributed.md)")
 
 
-def setup(manifest: Manifest, device_name: str = "auto", artifact=None, warn=_warn) -> Dist:
+def setup(manifest: Manifest, device_name: str = "auto", artifact=None, warn=_warn,
+          command: str | None = None) -> Dist:
     """Check the launch against the plan and the machine, then join the process group (if any).
 
     Not under torchrun: one process, which the artifact must allow (TP=1). Under torchrun: WORLD_SIZE
@@ -229,17 +282,21 @@ def setup(manifest: Manifest, device_name: str = "auto", artifact=None, warn=_wa
     if launched and m.tp > 1 and local_world % m.tp and local_rank == 0:
         warn(f"{artifact}: {local_world} processes per machine do not hold whole TP={m.tp} groups, so "
              f"tensor-parallel all-reduces cross machines (slow); use --nproc-per-node a multiple of {m.tp}")
-    device = resolve_device(manifest, device_name, artifact, local_rank, multi=world > 1, warn=warn)
+    device = resolve_device(manifest, device_name, artifact, local_rank, multi=world > 1, warn=warn,
+                            command=command)
     gpus_needed = local_world if launched else m.tp
     check_machine(manifest, device, artifact, gpus_needed, tp_rank=rank % m.tp, local_rank=local_rank, warn=warn)
     if not launched and m.tp > 1:
         raise HscError(f"{artifact}: its tensor-parallel degree TP={m.tp} needs {m.tp} processes (or a multiple: "
-                       f"data-parallel replicas; planned {_plan_text(manifest)}); " + _launch_hint(manifest, artifact))
+                       f"data-parallel replicas; planned {_plan_text(manifest)}); "
+                       + _launch_hint(manifest, artifact, command))
 
     d = Dist(rank=rank, world_size=world, tp=m.tp, dp=dp, tp_rank=rank % m.tp, dp_rank=rank // m.tp,
              device=device, is_writer=rank == 0, local_rank=local_rank, local_world_size=local_world)
     if world == 1:
         return d
+    if device.type == "cpu":
+        compile_in_process()
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -257,6 +314,18 @@ def setup(manifest: Manifest, device_name: str = "auto", artifact=None, warn=_wa
             if rank in ranks:
                 d.tp_group = group
     return d
+
+
+def compile_in_process() -> None:
+    """CPU ranks: torch.compile builds its C++ kernels in the rank's own thread, not in inductor's
+    compile-thread pool. The ranks already share the machine's cores, so a pool per rank only
+    oversubscribes them; and a rank forked from a process that had compiled before inherits that pool
+    without its threads (torch's at-fork hook resets only the process pool), so a kernel submitted to
+    it never completes and the rank waits forever. TORCHINDUCTOR_COMPILE_THREADS, if set, wins."""
+    if "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.compile_threads = 1
 
 
 def teardown(d: Dist | None) -> None:
@@ -338,16 +407,21 @@ def gather_replicas(d: Dist, all_items: list, mine: list[int], requests: list, l
 
 # ---- `hsc run ART --nproc N`: re-launch the same command under torchrun -------------------------------------
 
-def strip_nproc(argv: list[str]) -> list[str]:
+def _drop_flag(argv: list[str], flag: str) -> list[str]:
+    """argv without `flag VALUE` and `flag=VALUE`."""
     out, skip = [], False
     for a in argv:
         if skip:
             skip = False
-        elif a == "--nproc":
+        elif a == flag:
             skip = True
-        elif not a.startswith("--nproc="):
+        elif not a.startswith(flag + "="):
             out.append(a)
     return out
+
+
+def strip_nproc(argv: list[str]) -> list[str]:
+    return _drop_flag(argv, "--nproc")
 
 
 def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
@@ -377,7 +451,8 @@ def launch(artifact, nproc: int, argv: list[str]) -> int | None:
     tp = manifest.mapping.tp
     if nproc % tp:
         raise HscError(f"{artifact}: --nproc {nproc} is not a multiple of its tensor-parallel degree TP={tp}: use "
-                       f"--nproc {', '.join(str(tp * k) for k in (1, 2, 3))}, ... (planned: {_plan_text(manifest)})")
+                       f"--nproc {', '.join(str(tp * k) for k in (1, 2, 3))}, ... (planned: {_plan_text(manifest)}): "
+                       f"`{command_with(shlex.join(['hsc', *argv]), nproc=manifest.mapping.world_size)}`")
     if nproc == 1:
         return None
     device = _device_option(argv)

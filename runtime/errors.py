@@ -23,3 +23,12 @@ class Interrupted(HscError):
 
 def file_error(path, problem: str) -> HscError:
     return HscError(f"{path}: {problem}")
+
+
+def warn(message: str) -> None:
+    """A user-facing warning: one `hsc: warning: ...` line on stderr; the command goes on."""
+    import sys
+
+    from runtime.paths import printable  # a warning may quote a manifest: its escapes are shown, not acted on
+
+    print(f"hsc: warning: {printable(' '.join(str(message).split()))}", file=sys.stderr, flush=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import bz2
 import json
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,6 +111,8 @@ def load_jsonl(path: Path) -> tuple[list[Item], set[str]]:
 
 
 def load_datasets(split: str = "validation") -> list[Item]:
+    print(f"hsc: loading Rowan/hellaswag ({split} split) through `datasets` (from its cache, else the network; "
+          "HF_HUB_OFFLINE=1: the cache only)", file=sys.stderr, flush=True)
     try:
         import datasets
 
@@ -130,9 +133,18 @@ def find_shared_file(start: Path | None = None) -> Path | None:
     return None
 
 
+def no_data_error(flag: str = "--data", start: Path | None = None) -> HscError:
+    """No `flag` and no shared file: say where hsc looked and what to pass (the `datasets` route may
+    spend half a minute retrying the network, so it is never taken without being asked for)."""
+    start = (start or Path.cwd()).resolve()
+    return HscError(f"no {flag} given and no {SHARED_FILE} found in or beside {start} or any folder above "
+                    f"it; pass {flag} FILE (the official hellaswag_val.jsonl, or hellaswag_val_full.txt.bz2) "
+                    f"or {flag} datasets (Rowan/hellaswag through the `datasets` cache or network)")
+
+
 def load_items(data: str | None) -> tuple[list[Item], str]:
     """Items and a description of where they came from. `data`: a file, "datasets", or None
-    (the shared validation file if one is found, else `datasets`)."""
+    (the shared validation file if one is found, else no_data_error)."""
     items, source, _ = load_split(data)
     return items, source
 
@@ -141,15 +153,19 @@ def load_items(data: str | None) -> tuple[list[Item], str]:
 _OFFICIAL_SPLITS = {"train": "train", "val": "validation", "test": "test"}
 
 
-def load_split(data: str | None, datasets_split: str = "validation") -> tuple[list[Item], str, str]:
+def load_split(data: str | None, datasets_split: str = "validation", flag: str = "--data"
+               ) -> tuple[list[Item], str, str]:
     """load_items, and the split the items come from: "train", "validation", "test" or "unknown".
     With `datasets`: `datasets_split`. A file: the official jsonl's `split` field where every item has
     one and they agree; else a word of its name (train; val, validation or dev; test); else
-    "validation" for a file of exactly the validation set's 10,042 items; else "unknown"."""
+    "validation" for a file of exactly the validation set's 10,042 items; else "unknown". flag: the option
+    that gave `data`, for the error when it was left out and no shared file is found."""
     if data == "datasets":
         path = None
     elif data is None:
-        path = find_shared_file()  # None: there is none, so datasets
+        path = find_shared_file()
+        if path is None:
+            raise no_data_error(flag)
     else:
         path = Path(data)
     if path is None:

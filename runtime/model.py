@@ -171,6 +171,15 @@ class TransformerBlock(nn.Module):
     forward_region = torch.compiler.nested_compile_region(forward)
 
 
+# The most fp32 logits the CPU holds at once (token_logprobs); logsumexp makes one more of that size.
+LOGITS_CHUNK_BYTES = 256 << 20
+
+
+def logits_chunk_rows(vocab_size: int) -> int:
+    """Scored positions per LM-head product on the CPU."""
+    return max(1, LOGITS_CHUNK_BYTES // (4 * vocab_size))
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs, tp: int = 1, tp_group=None):
         super().__init__()
@@ -234,13 +243,28 @@ class Transformer(nn.Module):
     def token_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """log p(target | prefix) for hidden states [N, dim] and targets [N], in fp32:
         logit[target] - logsumexp(logits)."""
-        return _target_logprobs(self.head_logits(hidden), targets)
+        return self._by_chunks(lambda h, t: _target_logprobs(self.head_logits(h), t), hidden, targets)
 
     def token_scores(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """token_logprobs, and whether each target is the most likely token (lm-eval's is_greedy: the
         argmax, ties to the lowest id, equals the target)."""
-        logits = self.head_logits(hidden)
-        return _target_logprobs(logits, targets), logits.argmax(-1) == targets
+        def scores(h: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            logits = self.head_logits(h)
+            return _target_logprobs(logits, t), logits.argmax(-1) == t
+
+        return self._by_chunks(scores, hidden, targets)
+
+    def _by_chunks(self, fn, hidden: torch.Tensor, targets: torch.Tensor):
+        """fn(hidden, targets), on the CPU in chunks of logits_chunk_rows positions: a batch's ~11k
+        positions x a 49k vocabulary would be 2.2 GB of logits, twice over inside logsumexp; each row's
+        figures are the same either way."""
+        rows = logits_chunk_rows(self.args.vocab_size)
+        if hidden.device.type != "cpu" or hidden.shape[0] <= rows:
+            return fn(hidden, targets)
+        parts = [fn(h, t) for h, t in zip(hidden.split(rows), targets.split(rows))]
+        if isinstance(parts[0], tuple):
+            return tuple(torch.cat(column) for column in zip(*parts))
+        return torch.cat(parts)
 
 
 def _target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

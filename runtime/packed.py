@@ -560,7 +560,7 @@ class PackedScorer:
         before (a resumed run's journal), which are skipped; on_batch(b, requests, logliks, greedy): called
         with each batch's results as soon as they are on the host (then every batch is waited for);
         greedy: per request, whether every token is the most likely one (None unless the scorer was made
-        with greedy=True)."""
+        with greedy=True). progress(n): n more scored tokens."""
         done = dict(done or {})
         pending, reported = [], 0
         n_batches = batches.tokens.shape[0]
@@ -578,7 +578,7 @@ class PackedScorer:
                         on_batch(pb, *done[pb])
                 pending = []
             if progress is not None and not pending:
-                progress(sum(batches.real_tokens[reported:b + 1]))
+                progress(int((batches.target_request[reported:b + 1] >= 0).sum()))
                 reported = b + 1
         out = [math.nan] * batches.n_requests
         for requests, logliks, _ in done.values():

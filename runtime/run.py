@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from runtime import compile_cache, distributed, outputs
 from runtime.artifact import load_manifest, load_tokenizer, manifest_sha256, verify_artifact
@@ -21,14 +20,15 @@ from runtime.errors import HscError, Interrupted
 from runtime.hellaswag import load_items
 from runtime.journal import JOURNAL_DIR, journal_path, open_journal
 from runtime.packed import FLAT_NEEDS_COMPILE, PackedScorer
+from runtime.progress import Progress
 from runtime.scoring import (build_requests, compute_scores, drop_overlong, predictions, request_tokens,
-                             score_reference)
+                             score_reference, scored_tokens)
 
 
 @dataclass(frozen=True)
 class RunConfig:
     artifact: Path
-    data: str | None = None  # file, "datasets", or None: the shared validation file, else datasets
+    data: str | None = None  # file, "datasets", or None: the shared validation file (an error if none is found)
     limit: int | None = None  # score items [0, limit)
     output: Path | None = None  # default: results/<artifact name>
     bos: bool | None = None  # None: the tokenizer's own convention, from the manifest
@@ -246,33 +246,10 @@ def open_replica_journal(d, out: Path, key: dict, resume: bool):
     return journal
 
 
-class PlainProgress:
-    """Progress as plain lines on stderr, for logs (CI, nohup): one about every tenth of the work or
-    every minute, whichever comes first."""
-
-    def __init__(self, total: int, desc: str, min_interval_s: float = 2.0, max_interval_s: float = 60.0):
-        self.total, self.desc, self.done = max(total, 1), desc, 0
-        self.t0 = self.last_t = time.perf_counter()
-        self.last_frac, self.min_s, self.max_s = 0.0, min_interval_s, max_interval_s
-
-    def update(self, n: int) -> None:
-        self.done += n
-        now, frac = time.perf_counter(), self.done / self.total
-        if frac >= 1.0 or (now - self.last_t >= self.min_s and (frac - self.last_frac >= 0.1 or now - self.last_t >= self.max_s)):
-            rate = self.done / max(now - self.t0, 1e-9)
-            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-            print(f"hsc: {self.desc} {100 * frac:.0f}% ({self.done:,}/{self.total:,} tokens, {rate:,.0f} tok/s, "
-                  f"{eta:,.0f} s left)", file=sys.stderr, flush=True)
-            self.last_t, self.last_frac = now, frac
-
-
-def score_with_progress(engine, work, n_tokens: int, show: bool, journal):
-    """tqdm on a terminal, plain lines otherwise (a log), nothing on ranks other than the writer."""
-    kwargs = {"done": journal.done, "on_batch": journal.record}
-    if show and not sys.stderr.isatty():
-        return engine.score(work, progress=PlainProgress(n_tokens, "scoring").update, **kwargs)
-    with tqdm(total=n_tokens, unit="tok", unit_scale=True, desc="scoring", disable=None if show else True) as bar:
-        return engine.score(work, progress=bar.update, **kwargs)
+def score_with_progress(engine, work, n_scored: int, show: bool, journal):
+    """Score, journalling each batch; progress (runtime/progress.py) on the writer only."""
+    with Progress(n_scored, "scoring", "scored tok", enabled=show) as bar:
+        return engine.score(work, progress=bar.update, done=journal.done, on_batch=journal.record)
 
 
 def _timed(fn, *args):
@@ -329,7 +306,7 @@ def run(cfg: RunConfig, command: str, echo=print) -> dict:
     manifest = load_manifest(cfg.artifact)
     # One process per rank of the plan (TP x DP, runtime/distributed.py): the launch and the machine
     # are checked against the plan before any weight is read.
-    d = distributed.setup(manifest, cfg.device, artifact=cfg.artifact)
+    d = distributed.setup(manifest, cfg.device, artifact=cfg.artifact, command=command)
     held = claim_output(d, cfg)
     out = Path(cfg.output) if cfg.output else outputs.default_output(cfg.artifact)
     try:
@@ -391,19 +368,23 @@ def _run(cfg: RunConfig, command: str, echo, manifest, d, out: Path, t_start: fl
                                    cfg.resume)
     t_prepared = time.perf_counter()
     # Warm-up: compilation (or the compile cache), CUDA-graph capture, kernel selection, allocator growth.
+    if d.is_writer and engine.compiled:
+        print("hsc: compiling the scoring step (torch.compile; from the compile cache when an earlier run left one)",
+              file=sys.stderr, flush=True)
     compile_cache_source = warm_up(engine, prepared, cfg, d, manifest_sha)
     distributed.barrier(d)
     t_warm = time.perf_counter()
 
     n_tokens = engine.tokens(prepared)
     resumed = len(journal.done)
-    logliks, greedy = score_with_progress(engine, prepared, n_tokens, d.is_writer, journal)
+    mine_requests = [r for i in mine for r in requests[4 * i: 4 * i + 4]]
+    logliks, greedy = score_with_progress(engine, prepared, scored_tokens(mine_requests), d.is_writer, journal)
     journal.close()
     if device.type == "cuda":
         torch.cuda.synchronize()
     distributed.barrier(d)
     t_scored = time.perf_counter()
-    requests = [r for i in mine for r in requests[4 * i: 4 * i + 4]]
+    requests = mine_requests
     # The writer (global rank 0) collects every replica's requests and log-likelihoods in item order.
     gathered = distributed.gather_replicas(d, items, mine, requests, logliks, n_tokens)
     greedy = gather_greedy(d, mine, greedy, len(items))
@@ -413,6 +394,7 @@ def _run(cfg: RunConfig, command: str, echo, manifest, d, out: Path, t_start: fl
     items, requests, logliks, n_tokens = gathered
 
     preds, preds_norm = predictions(items, logliks)
+    n_scored = scored_tokens(requests)
     scores = compute_scores(items, preds, preds_norm)
     results = {
         **asdict(scores),
@@ -431,6 +413,8 @@ def _run(cfg: RunConfig, command: str, echo, manifest, d, out: Path, t_start: fl
         "truncated_requests": truncated,  # contexts cut on the left to fit max_seq_len (lm-eval's rule)
         "too_long_items": too_long,  # indices of items left out: an ending alone exceeds max_seq_len
         "tokens_forwarded": n_tokens,
+        "scored_tokens": n_scored,  # the throughput's unit, the same for both engines
+        "scored_tokens_per_s": round(n_scored / max(t_scored - t_warm, 1e-9), 1),
         "engine": cfg.engine,
         "batch_tokens": cfg.batch_tokens,
         "batch_shape": engine.batch_shape,  # packed: [rows, row length, targets]
@@ -502,9 +486,9 @@ def report(echo, results: dict, out: Path) -> None:
          f"BOS {'on' if results['bos'] else 'off'}")
     echo(f"  acc      = {_pct(results['acc'])} ± {_pct(results['acc_stderr'])}")
     echo(f"  acc_norm = {_pct(results['acc_norm'])} ± {_pct(results['acc_norm_stderr'])}  (lm-eval: per character)")
-    rate = results["tokens_forwarded"] / max(t["scoring_s"], 1e-9)
     echo(f"  time: verify {t['verify_s']:.1f} s, load {t['load_s']:.1f} s, prepare {t['prepare_s']:.1f} s, "
-         f"warm-up {t['warmup_s']:.1f} s, scoring {t['scoring_s']:.1f} s ({rate:,.0f} tok/s), "
+         f"warm-up {t['warmup_s']:.1f} s, scoring {t['scoring_s']:.1f} s ({results['scored_tokens_per_s']:,.0f} scored "
+         f"tokens/s), "
          f"writing {t['write_s']:.1f} s, total {t['total_s']:.1f} s")
     extra = []
     if results["resumed_batches"]:

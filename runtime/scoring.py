@@ -103,13 +103,19 @@ def request_tokens(req: Request, max_len: int) -> tuple[list[int], list[int], in
     return inputs, targets[start:], start
 
 
+def scored_tokens(requests: list[Request]) -> int:
+    """The unit in which both engines report throughput: the continuation tokens whose log-probs are
+    summed (the same count whatever an engine forwards to get them, shared prefixes or not)."""
+    return sum(len(r.continuation) for r in requests)
+
+
 @torch.inference_mode()
 def score_reference(model, requests: list[Request], device, batch_tokens: int = 16384,
                     progress=None, done=None, on_batch=None) -> list[float]:
     """The plain path: one forward per request (right-padded batches of similar length, causal
     attention, so padding never reaches a scored position). Returns the summed log-likelihood
     of each request's continuation, accumulated in float64. done, on_batch: as PackedScorer.score
-    (batches skipped, each batch's (requests, logliks, greedy) reported)."""
+    (batches skipped, each batch's (requests, logliks, greedy) reported); progress(n): n more scored tokens."""
     max_len = model.args.max_seq_len
     order = sorted(range(len(requests)), key=lambda r: -len(requests[r].context + requests[r].continuation))
     out = [0.0] * len(requests)
@@ -126,10 +132,8 @@ def score_reference(model, requests: list[Request], device, batch_tokens: int = 
             continue
         tokens = torch.zeros(len(batch), longest, dtype=torch.long)
         rows, cols, targets, owner = [], [], [], []
-        n_inputs = 0
         for b, r in enumerate(batch):
             inputs, tgt, start = request_tokens(requests[r], max_len)
-            n_inputs += len(inputs)
             tokens[b, : len(inputs)] = torch.tensor(inputs)
             rows += [b] * len(tgt)
             cols += range(start, start + len(tgt))
@@ -144,7 +148,7 @@ def score_reference(model, requests: list[Request], device, batch_tokens: int = 
         if on_batch is not None:
             on_batch(n_batch, list(batch), [out[r] for r in batch], (misses == 0).tolist())
         if progress is not None:
-            progress(n_inputs)
+            progress(len(targets))
     return out
 
 

@@ -10,6 +10,7 @@ import bz2
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -399,3 +400,36 @@ def test_run_on_the_untouched_artifact_works(hsc, artifact, shared_data, tmp_pat
     code, out, err = hsc("run", artifact, "--data", shared_data, "--limit", 4, "--output", tmp_path / "res")
     assert code == 0, err
     assert json.loads((tmp_path / "res" / "results.json").read_text())["n"] == 4
+
+
+def test_no_data_and_no_shared_file_says_where_it_looked(hsc, artifact, tmp_path, monkeypatch):
+    """Outside the repository without --data: one line naming the file and where it was looked for, at
+    once; `datasets` (which may retry the network for half a minute) is only used when asked for."""
+    import runtime.hellaswag
+
+    def no_network(*a, **k):
+        raise AssertionError("went to datasets without --data datasets")
+
+    monkeypatch.setattr(runtime.hellaswag, "load_datasets", no_network)
+    monkeypatch.chdir(tmp_path)
+    code, out, err = hsc("run", artifact, "--output", tmp_path / "res")
+    assert_one_line_error(code, out, err, "shared/data/hellaswag_val_full.txt.bz2", str(tmp_path.resolve()))
+    assert "--data FILE" in err and "--data datasets" in err
+    assert not (tmp_path / "res").exists()
+
+
+def test_data_from_datasets_is_announced(monkeypatch, capsys):
+    import runtime.hellaswag
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # not installed: the import fails
+    with pytest.raises(HscError, match="pass --data FILE"):
+        runtime.hellaswag.load_split("datasets")
+    assert "through `datasets`" in capsys.readouterr().err
+
+
+def test_no_calib_data_and_no_shared_file_names_the_compile_flag(tmp_path, monkeypatch):
+    from runtime.hellaswag import load_split
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(HscError, match="no --calib-data given .* pass --calib-data FILE"):
+        load_split(None, flag="--calib-data")

@@ -8,6 +8,7 @@ import torch
 
 from runtime.config import ModelArgs
 from runtime.hellaswag import load_six_line
+from runtime.progress import Progress
 from runtime.tokenizer import Tokenizer
 from tests import reference
 from tests.tiny_gguf import write_tiny_gguf
@@ -35,7 +36,7 @@ def check_against_reference(out_dir, sd, args, items, tokenize, bos):
 @pytest.mark.parametrize("n_shards, n_heads, n_kv_heads, engine", [
     (1, 4, None, "packed"), (2, 4, 2, "packed"), (4, 8, 4, "packed"), (4, 8, None, "packed"), (2, 4, 2, "reference"),
     (2, 4, 2, "flat")])
-def test_meta_checkpoint_end_to_end(tmp_path, hsc, shared_data, n_shards, n_heads, n_kv_heads, engine):
+def test_meta_checkpoint_end_to_end(tmp_path, hsc, shared_data, monkeypatch, n_shards, n_heads, n_kv_heads, engine):
     args = ModelArgs(dim=64, n_layers=2, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=-1, multiple_of=32)
     sd = write_tiny_meta_checkpoint(tmp_path / "ckpt", args, n_shards, seed=torch.seed() % 2**31)
     art = tmp_path / "art"
@@ -44,6 +45,8 @@ def test_meta_checkpoint_end_to_end(tmp_path, hsc, shared_data, n_shards, n_head
     assert "plan:" in out and (art / "rank0.safetensors").is_file() and (art / "tokenizer.model").is_file()
     # flat: the CUDA default layout (one long tree per row, FlexAttention), here compiled on the CPU
     options = ("--engine", "packed", "--layout", "flat", "--compile") if engine == "flat" else ("--engine", engine)
+    progress = []
+    monkeypatch.setattr(Progress, "update", lambda self, n=1: progress.append(n))
     code, out, err = hsc("run", art, "--data", shared_data, "--limit", N_ITEMS, "--output", tmp_path / "res", *options)
     assert code == 0, err
     results = json.loads((tmp_path / "res" / "results.json").read_text())
@@ -56,7 +59,11 @@ def test_meta_checkpoint_end_to_end(tmp_path, hsc, shared_data, n_shards, n_head
     full_args = ModelArgs(**{**args.__dict__, "vocab_size": 32000})
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "ckpt" / "tokenizer.model"))
     items = load_six_line(shared_data)[:N_ITEMS]
-    check_against_reference(tmp_path / "res", sd, full_args, items, sp.EncodeAsIds, bos=sp.bos_id())
+    samples = check_against_reference(tmp_path / "res", sd, full_args, items, sp.EncodeAsIds, bos=sp.bos_id())
+    # Every engine's throughput and progress count scored tokens (the continuations), whatever it forwards.
+    scored = sum(sum(s["cont_tokens"]) for s in samples)
+    assert results["scored_tokens"] == sum(progress) == scored
+    assert f"{results['scored_tokens_per_s']:,.0f} scored tokens/s" in out
 
 
 @pytest.mark.parametrize("tensor_type, tied", [("f32", True), ("q8_0", False)])

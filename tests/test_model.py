@@ -105,3 +105,30 @@ def test_token_logprobs_of_a_bf16_model_use_fp32_logits():
     fp32 = Transformer(args)
     fp32.keep_fp32_head()
     assert fp32.head_fp32 is None
+
+
+def test_cpu_logits_come_in_bounded_chunks(monkeypatch):
+    """The LM head on the CPU never holds more than logits_chunk_rows positions of logits at once
+    (a 200-item SmolLM2 batch scores ~11k positions: 2.2 GB of fp32 logits unchunked), and the
+    chunked log-probs are those of the float64 reference, and the same as one product's."""
+    import runtime.model
+
+    args = ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=1000, multiple_of=32, max_seq_len=64)
+    sd = random_state_dict(args, seed=torch.seed() % 2**31)
+    model = Transformer(args)
+    model.load_state_dict(sd)
+    hidden = torch.randn(1500, args.dim)
+    targets = torch.randint(0, args.vocab_size, (1500,))
+    assert runtime.model.logits_chunk_rows(49152) == 1365  # SmolLM2's vocabulary: 0.27 GB a product
+    whole = model.token_logprobs(hidden, targets)  # 1500 x 1000 x 4 bytes: under 256 MiB, one product
+    monkeypatch.setattr(runtime.model, "LOGITS_CHUNK_BYTES", 4 * args.vocab_size * 400)
+    rows = []
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear",
+                        lambda x, w, *a: rows.append(x.shape[0]) or linear(x, w, *a))
+    got = model.token_logprobs(hidden, targets)
+    assert rows == [400, 400, 400, 300]
+    torch.testing.assert_close(got, whole, atol=1e-6, rtol=0)
+    logits = hidden.double() @ sd["output.weight"].double().t()
+    want = logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=0)

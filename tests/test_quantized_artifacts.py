@@ -195,6 +195,11 @@ def test_tp2_shards_of_quantized_weights_unshard_exactly(hsc, work, model):
     # Each rank's file loads into its slice of the model.
     for r in range(2):
         build_model(tp2, m, "cpu", tp_rank=r)
+    # The plan counts each rank file's bytes: int8 slices, their scales, the replicated bf16 rest.
+    plan = make_plan(m.model, get_target("h200x2"), "int8", tp=2)
+    for r in range(2):
+        raw = (tp2 / f"rank{r}.safetensors").read_bytes()
+        assert len(raw) - 8 - int.from_bytes(raw[:8], "little") == plan.rank_bytes
 
 
 def test_split_dim_of_quantized_names():

@@ -380,3 +380,40 @@ def test_calibration_feeds_choose_alpha(tiny_checkpoint):
     tokens = [1, 450, 4996, 17354, 1701, 432]
     torch.testing.assert_close(reference.forward_logprobs(smoothed, args, tokens),
                                reference.forward_logprobs(W, args, tokens), rtol=0, atol=1e-10)
+
+
+def test_calibration_shows_progress_in_a_log(tiny_checkpoint, capsys, monkeypatch):
+    """stderr not a terminal (as under pytest): plain `hsc: calibration: ...` lines, one per batch of
+    every layer here (LOG_EVERY_S 0), and none of tqdm's carriage returns."""
+    import runtime.progress
+
+    monkeypatch.setattr(runtime.progress, "LOG_EVERY_S", 0.0)
+    path, _, items, tok = tiny_checkpoint
+    with MetaSource(path) as meta:
+        calibrate(meta, items, tok, add_bos=True, n_items=8, seed=3, batch_tokens=1024, sample_rows=16)
+        n_layers = meta.args.n_layers
+    lines = capsys.readouterr().err.splitlines()
+    assert lines and all(line.startswith("hsc: calibration: ") for line in lines) and "\r" not in "".join(lines)
+    total = int(lines[-1].split("/")[1].split()[0])
+    assert total % n_layers == 0 and f"{total}/{total} layer-batches (100%)" in lines[-1]
+    assert len(lines) == total  # one a batch of a layer, the last at 100%
+
+
+@pytest.mark.parametrize("rate, warned", [(1e6, True), (1e15, False)])
+def test_a_slow_quantized_compile_warns_with_its_estimate(tiny_checkpoint, monkeypatch, rate, warned):
+    from toolchain import quantize
+
+    path, _, items, tok = tiny_checkpoint
+    monkeypatch.setattr(quantize, "cpu_matmul_rate", lambda dim: rate)
+    warnings = []
+    with MetaSource(path) as meta:
+        seconds = quantize.warn_if_slow(meta.args, items, tok, True, quantize.QuantOptions(), torch.device("cpu"),
+                                        "h200x1", warnings.append)
+        want, n_tokens = quantize.forward_seconds(meta.args, items, tok, True, quantize.QuantOptions(), rate)
+    assert seconds == want and n_tokens > 40 * 20  # 40 items: all calibrate, none is left for the check
+    assert bool(warnings) == warned
+    if warned:
+        assert f"at least {seconds / 60:.0f} min here" in warnings[0] and "h200x1" in warnings[0]
+    assert quantize.warn_if_slow(meta.args, items, tok, True, quantize.QuantOptions(), torch.device("cuda"),
+                                 "h200x1", warnings.append) is None
+

@@ -8,7 +8,7 @@ import torch
 
 from runtime.config import Mapping, ModelArgs
 from runtime.errors import HscError
-from toolchain.targets import get_target, make_plan
+from toolchain.targets import activation_bytes, get_target, make_plan
 
 LLAMA_30B = ModelArgs(dim=6656, n_layers=60, n_heads=52, multiple_of=256, vocab_size=32000)
 LLAMA_7B = ModelArgs(dim=4096, n_layers=32, n_heads=32, multiple_of=256, vocab_size=32000)
@@ -127,3 +127,36 @@ def test_target_auto_compile_records_the_machine(tmp_path, monkeypatch, hsc):
     assert manifest["target_info"] == {"gpu": "L40S 48GB", "compute_capability": [8, 9], "n_gpus": 2,
                                        "mem_per_gpu_gib": 48.0}
     assert "L40S 48GB x2: TP=1" in out
+
+
+@pytest.mark.parametrize("target, tp", [("h200x4", 2), ("v100x4", 4), ("cpu", None)])
+def test_the_plan_counts_every_byte_of_a_rank_file(tmp_path, target, tp):
+    """The plan's per-rank weights are the bytes of tensors each rank file holds: its slices plus the
+    replicated embeddings, LM head and norms (here 8 MB of the 32,000-token vocabulary, so a plan that
+    divided the whole model by TP would be far off); the compile prints that figure."""
+    from tests.tiny_meta import write_tiny_meta_checkpoint
+    from toolchain.compile import compile_checkpoint
+
+    args = ModelArgs(dim=64, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=-1, multiple_of=32)
+    write_tiny_meta_checkpoint(tmp_path / "ckpt", args, 1, seed=0)
+    printed = []
+    manifest, art = compile_checkpoint(tmp_path / "ckpt", target, "auto", tmp_path / "art", "test", tp=tp,
+                                       log=printed.append)
+    plan = make_plan(manifest.model, get_target(target), "auto", tp=tp)
+    assert len(manifest.shards) == (tp or 1)
+    for shard in manifest.shards:
+        raw = (art / shard.file).read_bytes()
+        header = 8 + int.from_bytes(raw[:8], "little")  # safetensors: u64 header size, header, data
+        assert len(raw) - header == plan.rank_bytes, shard.file
+    assert plan.rank_bytes > manifest.model.n_params() * 2 / (tp or 1)
+    assert plan.activation_bytes > 0
+    assert any(f"{plan.rank_bytes / 1e9:.2f} GB of weights" in line and
+               f"{plan.activation_bytes / 1e9:.2f} GB of activations" in line for line in printed), printed
+
+
+def test_activations_grow_with_the_batch_and_shrink_with_tp():
+    a1 = activation_bytes(LLAMA_30B, "bf16", 1, on_gpu=True)
+    assert activation_bytes(LLAMA_30B, "bf16", 4, on_gpu=True) < a1
+    assert activation_bytes(LLAMA_30B, "bf16", 1, on_gpu=True, batch_tokens=32768) > 1.9 * a1
+    # 16,384 tokens of LLaMA-30B in bf16: ~3.6 GB of block activations, ~3.1 GB of fp32 logits.
+    assert 6e9 < a1 < 8e9

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import shlex
 import shutil
 import socket
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,6 +31,7 @@ from runtime.artifact import load_manifest
 from runtime.config import ModelArgs
 from runtime.errors import HscError
 from runtime.run import RunConfig, run
+from tests.processes import join_processes, run_process
 from tests.tiny_meta import write_tiny_meta_checkpoint
 from toolchain.compile import compile_checkpoint
 
@@ -127,8 +129,9 @@ def run_ranks(world: int, artifact: Path, data: Path, out: Path, limit: int = N_
     status_dir = out.with_name(out.name + "-status")
     status_dir.mkdir(parents=True, exist_ok=True)
     cfg = RunConfig(artifact, str(data), limit, out, device="cpu", **{"batch_tokens": BATCH_TOKENS, **options})
-    mp.start_processes(_rank_main, args=(world, _free_port(), cfg, status_dir), nprocs=world,
-                       join=True, start_method="fork")
+    context = mp.start_processes(_rank_main, args=(world, _free_port(), cfg, status_dir), nprocs=world,
+                                 join=False, start_method="fork")
+    join_processes(context, f"{world} forked ranks running {artifact.name}")
     return [(status_dir / f"rank{r}").read_text() for r in range(world)]
 
 
@@ -184,7 +187,10 @@ def test_parallel_run_matches_one_process(built, tmp_path, model, build, world):
 def test_parallel_flat_layout_matches_one_process(built, tmp_path):
     """The flat layout (CUDA's default: one long tree per row, FlexAttention), compiled, with its
     all-reduces inside the compiled step: TP=2 x DP=2 equals the one-process run (rows layout). Trees of
-    384 tokens make 6 rows of the 24 items, 3 for each replica."""
+    384 tokens make 6 rows of the 24 items, 3 for each replica. This process compiles first, so the
+    ranks are forked from a process whose inductor already has a compile-thread pool: a rank that
+    used that pool would wait forever on a kernel (distributed.compile_in_process)."""
+    _start_parent_compile_pool()
     out = tmp_path / "res"
     assert run_ranks(4, built.arts["gqa"]["tp2dp2"], built.data, out, layout="flat", compile=True,
                      row_len=384) == ["ok"] * 4
@@ -192,13 +198,41 @@ def test_parallel_flat_layout_matches_one_process(built, tmp_path):
     assert_same_samples(read_samples(out), built.ref["gqa"])
 
 
+def _start_parent_compile_pool() -> None:
+    """What an earlier torch.compile on the CPU leaves in this process: inductor's compile-thread pool,
+    with live threads (a compile served from inductor's cache leaves none, hence the direct call)."""
+    from torch._inductor.async_compile import AsyncCompile
+
+    if torch._inductor.async_compile.get_compile_threads() > 1:
+        AsyncCompile.pool().submit(int).result()
+
+
+def _compile_fresh_kernel(rank: int, status_dir: Path, in_process: bool, size: int) -> None:
+    if in_process:
+        distributed.compile_in_process()
+    x = torch.linspace(-1, 1, size)  # a size never compiled before: a kernel that must be built, not loaded
+    f = lambda x: (x.exp() - 3).tanh() * x
+    same = torch.allclose(torch.compile(f, dynamic=False)(x), f(x))
+    (status_dir / f"rank{rank}").write_text("ok" if same else "differs")
+
+
+def test_a_forked_cpu_rank_compiles_after_its_parent_did(tmp_path):
+    """The deadlock of forked ranks: the parent's compile pool is inherited without its threads; a CPU
+    rank compiles in its own thread (distributed.compile_in_process) and finishes."""
+    _start_parent_compile_pool()
+    size = random.randrange(10_000, 1_000_000)
+    context = mp.start_processes(_compile_fresh_kernel, args=(tmp_path, True, size), nprocs=1, join=False,
+                                 start_method="fork")
+    join_processes(context, "a forked rank compiling a kernel", timeout=180)
+    assert (tmp_path / "rank0").read_text() == "ok"
+
+
 def test_nproc_relaunches_under_torchrun(built, tmp_path):
     """The real thing: `hsc run ART --nproc 2` -> torchrun -> 2 processes of `python -m toolchain.cli run`."""
     out = tmp_path / "res"
-    proc = subprocess.run([sys.executable, "-m", "toolchain.cli", "run", built.arts["mha"]["tp2"], "--data",
-                           built.data, "--limit", str(N_ITEMS), "--output", out, "--device", "cpu", "--nproc", "2"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_process([sys.executable, "-m", "toolchain.cli", "run", built.arts["mha"]["tp2"], "--data",
+                        built.data, "--limit", N_ITEMS, "--output", out, "--device", "cpu", "--nproc", "2"],
+                       cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("acc_norm") == 1  # only rank 0 prints
     assert "running it on the CPU as --device cpu asks" in proc.stderr
@@ -232,11 +266,10 @@ def test_tp_that_does_not_split_the_model_is_refused_at_compile(built, hsc, tmp_
 
 def test_ranks_not_a_multiple_of_tp_are_refused_under_torchrun(built, tmp_path):
     art = built.arts["gqa"]["tp2"]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3",
-                           "-m", "toolchain.cli", "run", art, "--data", built.data, "--limit", "8",
-                           "--output", tmp_path / "res", "--device", "cpu"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_process([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3",
+                        "-m", "toolchain.cli", "run", art, "--data", built.data, "--limit", "8",
+                        "--output", tmp_path / "res", "--device", "cpu"],
+                       cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("hsc: error: ")]
     assert errors, proc.stderr
@@ -250,11 +283,13 @@ def test_launch_mismatches_are_refused_in_process(built, hsc, tmp_path):
     # Not launched: the one-line error gives the exact command.
     code, _, err = hsc("run", art, "--device", "cpu", "--data", built.data, "--limit", 8)
     assert code == 1 and len(err.splitlines()) == 2  # the --device cpu warning, then the error
-    assert f"hsc run {art} --nproc 4" in err and "torchrun --nproc-per-node 4" in err
+    assert f"`hsc run {art} --device cpu --data {built.data} --limit 8 --nproc 4`" in err  # the user's flags kept
+    assert f"`torchrun --nproc-per-node 4 -m toolchain.cli run {art} --device cpu --data {built.data} --limit 8`" in err
     # --nproc that is not a multiple of TP: refused before anything is launched.
-    code, _, err = hsc("run", art, "--device", "cpu", "--nproc", "3")
+    code, _, err = hsc("run", art, "--device", "cpu", "--nproc", "3", "--limit", "3")
     assert code == 1 and "--nproc 3 is not a multiple of its tensor-parallel degree TP=2" in err
     assert "use --nproc 2, 4, 6" in err and len(err.splitlines()) == 1
+    assert f"`hsc run {art} --device cpu --limit 3 --nproc 4`" in err
     # A GPU-target artifact does not fall back to the CPU silently.
     code, _, err = hsc("run", art)
     assert code == 1 and "no CUDA device" in err and "--device cpu" in err
@@ -291,6 +326,23 @@ def test_nproc_refused_when_the_gpus_lack_memory(built, hsc, monkeypatch, no_wei
     monkeypatch.setattr(subprocess, "call", lambda *a, **k: pytest.fail("launched torchrun"))
     code, _, err = hsc("run", built.arts["gqa"]["tp2"], "--nproc", "2")
     assert code == 1 and len(err.splitlines()) == 1 and "needs about" in err and "GPU 0" in err
+
+
+def test_a_gpu_artifact_on_the_cpu_takes_one_round(built, hsc, monkeypatch, tmp_path):
+    """A v100x4 artifact run on a machine without a GPU: the hint is the user's own command with
+    --device cpu and --nproc 4 added, and that command is accepted (launched, here recorded)."""
+    art = tmp_path / "v100"
+    compile_checkpoint(built.root / "ckpt-gqa", "v100x4", "auto", art, "test", tp=4, log=lambda *_: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, _, err = hsc("run", art, "--data", built.data, "--limit", 8, "--batch-tokens", 1024)
+    assert code == 1 and len(err.splitlines()) == 1
+    hint = err.split("`")[1]
+    assert hint == f"hsc run {art} --data {built.data} --limit 8 --batch-tokens 1024 --device cpu --nproc 4"
+    launched = []
+    monkeypatch.setattr(distributed.subprocess, "call", lambda cmd: launched.append(cmd) or 0)
+    code, _, err = hsc(*shlex.split(hint)[1:])
+    assert code == 0, err
+    assert launched[0][1:] == distributed.torchrun_command(4, shlex.split(hint)[1:])[1:]
 
 
 @pytest.mark.parametrize("engine", ["packed", "reference"])
@@ -428,9 +480,8 @@ def test_manifest_without_target_info_or_resources_still_loads(built, tmp_path):
 
 def _hsc_run(built, art, out, *extra) -> list[dict]:
     """`hsc run` of the first N_ITEMS items as a separate process (as a user runs it); its samples."""
-    proc = subprocess.run([sys.executable, "-m", "toolchain.cli", "run", art, "--data", built.data,
-                           "--limit", str(N_ITEMS), "--output", out, *extra],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = run_process([sys.executable, "-m", "toolchain.cli", "run", art, "--data", built.data,
+                        "--limit", N_ITEMS, "--output", out, *extra], timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     return read_samples(out)
 
@@ -455,3 +506,29 @@ def test_parallel_runs_over_nccl_match_one_gpu(built, tmp_path, request, build, 
     assert max(abs(a - b) for g, w in zip(many, one) for a, b in zip(g["loglik"], w["loglik"])) < 1e-3
     results = json.loads((tmp_path / "many" / "results.json").read_text())
     assert (results["backend"], results["tp"], results["dp"]) == ("nccl", tp, dp)
+
+
+@pytest.mark.parametrize("cc, arch_list, runs", [
+    ((7, 0), ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"], False),  # V100, cu130
+    ((7, 0), ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"], True),  # V100, cu126
+    ((8, 6), ["sm_80", "sm_90"], True),  # sm_80 code runs on later minors of major 8
+    ((8, 9), ["sm_75", "sm_90a"], False),  # arch-specific code: only on 9.0
+    ((9, 0), ["sm_90a"], True),
+    ((10, 3), ["sm_75", "compute_90"], True),  # PTX: compiled for any newer GPU
+    ((8, 0), ["compute_90"], False),
+])
+def test_kernels_for_the_gpu(cc, arch_list, runs):
+    assert distributed.runs_on(cc, arch_list) == runs
+
+
+def test_a_torch_build_without_kernels_for_the_gpu_is_refused(built, hsc, monkeypatch, no_weights_read):
+    """A V100 under a torch built without sm_70 (CUDA 13): one line naming the build to install."""
+    art = built.root / "gqa-v100x4"
+    compile_checkpoint(built.root / "ckpt-gqa", "v100x4", "fp16", art, "test", tp=4, log=lambda *_: None)
+    fake_gpus(monkeypatch, 4, "Tesla V100-SXM2-32GB", (7, 0), 32)
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_75", "sm_80", "sm_90", "sm_100", "sm_120"])
+    monkeypatch.setattr(torch.cuda, "set_device", lambda *_: None)
+    code, _, err = hsc("run", art, "--data", built.data, "--limit", 8)
+    assert code == 1 and len(err.splitlines()) == 1
+    assert "has no kernels for GPU 0 (Tesla V100-SXM2-32GB, sm_70)" in err
+    assert "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126" in err

@@ -43,6 +43,7 @@ from runtime.config import ModelArgs
 from runtime.hellaswag import Item
 from runtime.model import TransformerBlock, rope_tables
 from runtime.packed import PAD_SLOT, Batches, PackedScorer, attention_mask
+from runtime.progress import Progress
 from runtime.scoring import build_requests
 from toolchain.hashing import combined_sha256
 from toolchain.smoothquant import POINTS, W2_IN, W13_IN, WO_IN, WQKV_IN, LayerStats, point_widths
@@ -211,7 +212,8 @@ def calibrate(src: ModelSource, items: list[Item], tokenizer, add_bos: bool, n_i
     computed from. Otherwise the samples are drawn from the calibration tokens.
     `data` describes where the items came from (a path, "datasets:..."); `split` names the split.
     spill_dir: write each layer's samples to a file there instead of keeping them (module docstring).
-    progress(layer, n_layers) is called after each layer."""
+    progress(layer, n_layers) is called after each layer; stderr shows every batch of every layer
+    (runtime/progress.py)."""
     args = src.args
     device = torch.device(device)
     if n_items <= 0 or not items:
@@ -243,6 +245,7 @@ def calibrate(src: ModelSource, items: list[Item], tokenizer, add_bos: bool, n_i
                              spill_dir=spill_dir)
     if spill_dir is not None:
         Path(spill_dir).mkdir(parents=True, exist_ok=True)
+    bar = Progress(args.n_layers * sum(bs.tokens.shape[0] for bs in sets), "calibration", "layer-batches")
     for i in range(args.n_layers):
         block = _build_block(args, src.layer_tensors(i), device, dtype)
         rec = _Recorder(block, dim_of, device, sample_dtype)
@@ -253,6 +256,7 @@ def calibrate(src: ModelSource, items: list[Item], tokenizer, add_bos: bool, n_i
                 rec.real = (slot != PAD_SLOT).flatten() if is_calib else None
                 rec.pick = picks[b].to(device) if (is_sample and picks is not None) else None
                 hidden[s_i][b] = block(hidden[s_i][b], cos_table[pos], sin_table[pos], attention_mask(end))
+                bar.update()
         rec.remove()
         rows = {p: torch.cat(rec.rows[p]) for p in POINTS if rec.rows[p]}
         for p in POINTS:
@@ -267,6 +271,7 @@ def calibrate(src: ModelSource, items: list[Item], tokenizer, add_bos: bool, n_i
         del block, rec, rows
         if progress is not None:
             progress(i + 1, args.n_layers)
+    bar.close()
 
     n_tokens = int((sets[0].slot != PAD_SLOT).sum())
     info = {

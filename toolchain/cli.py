@@ -135,7 +135,7 @@ def compile_cmd(source, target, precision, out_dir, tokenizer_path, tp, force, d
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--data", default=RUN_DEFAULTS.data,
               help="HellaSwag file (official jsonl, lm-eval jsonl, 6-line .txt[.bz2]) or `datasets` "
-                   "[default: shared/data/hellaswag_val_full.txt.bz2 if found, else datasets]")
+                   "[default: shared/data/hellaswag_val_full.txt.bz2 in or beside the working directory or a folder above]")
 @click.option("--limit", type=int, default=RUN_DEFAULTS.limit, help="score only the first N items")
 @click.option("--output", type=click.Path(path_type=Path), default=RUN_DEFAULTS.output,
               help="directory for results.json, samples.jsonl and lm-eval's files; an earlier run's results there "

@@ -21,6 +21,7 @@ from runtime.config import (FORMAT_VERSION, MANIFEST_NAME, PRECISION_DTYPES, QUA
                             Manifest, Provenance, ShardFile, TokenizerInfo, global_shapes, layer_shapes)
 from runtime.errors import HscError, file_error
 from runtime.paths import regular_file
+from runtime.progress import Progress
 from runtime.quant import scheme_for
 from toolchain import __version__
 from toolchain.hashing import combined_sha256
@@ -148,7 +149,7 @@ def write_artifact(src: ModelSource, plan: Plan, target: str | Target, out_dir: 
                 quant = dataclasses.replace(quant, calib_seed=stats.seed, calib_items=len(stats.item_indices))
             else:
                 stats = calibrate_source(src, items, calib_source, calib_split, tokenizer, tok.add_bos, quant, log,
-                                         spill_dir=tmp / SAMPLES_SPILL)
+                                         spill_dir=tmp / SAMPLES_SPILL, target=target)
                 stats.save(tmp / CALIBRATION_FILE, with_samples=False)
             # The check rides along pass 2 on items calibration did not see.
             check = start_check(src, items, calib_source, tokenizer, tok.add_bos, stats.item_indices, dtype,
@@ -163,9 +164,11 @@ def write_artifact(src: ModelSource, plan: Plan, target: str | Target, out_dir: 
         writers = [StreamingSafetensorsWriter(tmp / f"rank{r}.safetensors", layout,
                                               {**meta, "tp_rank": str(r), "tp": str(tp)})
                    for r in range(tp)]
-        for name, tensor in stream:  # pass 2 (quantized): smooth, quantize, write
-            for r, w in enumerate(writers):
-                w.write(name, shard_tensor(name, tensor, tp, r))
+        with Progress(len(layout), "writing", "tensors") as bar:
+            for name, tensor in stream:  # pass 2 (quantized): smooth, quantize, write
+                for r, w in enumerate(writers):
+                    w.write(name, shard_tensor(name, tensor, tp, r))
+                bar.update()
         shards = tuple(ShardFile(file=w.path.name, tp_rank=r, sha256=w.close(), bytes=w.bytes,
                                  params_by_dtype=w.params_by_dtype) for r, w in enumerate(writers))
         shutil.rmtree(tmp / SAMPLES_SPILL, ignore_errors=True)  # empty by now: pass 2 deleted each layer's

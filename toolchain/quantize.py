@@ -13,18 +13,19 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from runtime.artifact import load_manifest, verify_file
-from runtime.config import LAYER_TENSORS, PRECISION_DTYPES, layer_shapes
-from runtime.errors import HscError, file_error
+from runtime.config import LAYER_TENSORS, PRECISION_DTYPES, ModelArgs, layer_shapes
+from runtime.errors import HscError, file_error, warn
 from runtime.hellaswag import Item, load_split
 from runtime.quant import QuantLinear, quantize_weight, scheme_asdict
 from runtime.tokenizer import Tokenizer
-from toolchain.calibrate import CalibrationStats, calibrate
+from toolchain.calibrate import CalibrationStats, calibrate, calibration_batches
 from toolchain.hashing import combined_sha256
 from toolchain.quant_check import QuantCheck, check_summary, compare, draw_check_items, enforce_max_drop, error_stats
 from toolchain.shard import shard_shape
@@ -43,7 +44,7 @@ class QuantOptions:
     """How a quantized precision (fp8/int8/w8) is calibrated, smoothed and checked (`hsc compile --calib-*`,
     `--check-items`, `--max-drop`)."""
 
-    calib_data: str | None = None  # as `hsc run --data`: None = the shared validation file, else datasets
+    calib_data: str | None = None  # as `hsc run --data`: None = the shared validation file
     calib_items: int = 512
     calib_seed: int = 0
     alpha: float | str = "auto"  # "auto": toolchain.smoothquant.choose_alpha per layer
@@ -216,15 +217,65 @@ def calibration_items(tmp: Path, tok, tok_file: str, opts: QuantOptions,
             log("calibration: datasets has no train split of Rowan/hellaswag here; using the validation split")
             items, source, split = load_split("datasets", datasets_split="validation")
     else:
-        items, source, split = load_split(opts.calib_data)
+        items, source, split = load_split(opts.calib_data, flag="--calib-data")
     return items, source, split, Tokenizer(tok.kind, tmp / tok_file, tok.bos_id, tok.eos_id)
 
 
+# A quantized compile expected to run longer than this on the CPU says so, with its estimate, first.
+SLOW_COMPILE_S = 120.0
+
+
+def cpu_matmul_rate(dim: int, seconds: float = 0.3) -> float:
+    """FLOP/s of an fp32 [1024, d] x [d, d] product on this machine's CPU, now (d = dim, at most 2048)."""
+    d = min(dim, 2048)
+    a, b = torch.randn(1024, d), torch.randn(d, d)
+    a @ b
+    n, start = 0, time.perf_counter()
+    while n == 0 or time.perf_counter() - start < seconds:
+        a @ b
+        n += 1
+    return 2 * 1024 * d * d * n / (time.perf_counter() - start)
+
+
+def forward_seconds(args: ModelArgs, items: list[Item], tokenizer: Tokenizer, add_bos: bool, opts: QuantOptions,
+                    rate: float) -> tuple[float, int]:
+    """(seconds, tokens) of the block forwards a quantized compile makes at `rate` FLOP/s: 2 FLOPs per
+    block parameter per token, over the calibration items once and the check items twice (float and
+    quantized); the tokens per item as packed, from the first 32 items."""
+    sample = items[:32]
+    packed = calibration_batches(sample, tokenizer, add_bos, opts.batch_tokens, args.max_seq_len)
+    per_item = sum(packed.real_tokens) / len(sample)
+    n_calib = min(opts.calib_items, len(items))
+    n_tokens = round(per_item * (n_calib + 2 * min(opts.check_items, len(items) - n_calib)))
+    block_params = args.n_params() - 2 * args.vocab_size * args.dim - args.dim
+    return 2 * block_params * n_tokens / rate, n_tokens
+
+
+def warn_if_slow(args: ModelArgs, items: list[Item], tokenizer: Tokenizer, add_bos: bool, opts: QuantOptions,
+                 device: torch.device, target: str, warn) -> float | None:
+    """On the CPU, estimate the compile's forwards (forward_seconds at a rate measured now) and warn
+    when they exceed SLOW_COMPILE_S; the estimate in seconds, or None on a GPU."""
+    if device.type != "cpu":
+        return None
+    rate = cpu_matmul_rate(args.dim)
+    seconds, n_tokens = forward_seconds(args, items, tokenizer, add_bos, opts, rate)
+    if seconds > SLOW_COMPILE_S:
+        warn(f"this quantized compile for {target} computes on the CPU: at least {seconds / 60:.0f} min here "
+             f"(calibration and check forwards: ~{n_tokens:,} tokens through {args.n_layers} layers at a measured "
+             f"{rate / 1e9:.0f} GFLOP/s); on a machine with a GPU, --device cuda takes a small part of that")
+    return seconds
+
+
 def calibrate_source(src: ModelSource, items: list[Item], source: str, split: str, tokenizer: Tokenizer,
-                     add_bos: bool, opts: QuantOptions, log, spill_dir: Path | None = None) -> CalibrationStats:
+                     add_bos: bool, opts: QuantOptions, log, spill_dir: Path | None = None,
+                     target: str = "") -> CalibrationStats:
     """Pass 1 (toolchain/calibrate.py); spill_dir: where each layer's sample rows wait for pass 2."""
     n = min(opts.calib_items, len(items))
     device = compute_device(opts)
+    try:
+        warn_if_slow(src.args, items, tokenizer, add_bos, opts, device, target, warn)
+    except ValueError as e:
+        raise HscError(f"calibration: {e}") from None
     log(f"calibrating on {n} HellaSwag items of {source} ({split} split, seed {opts.calib_seed}) on {device}")
     try:
         stats = calibrate(src, items, tokenizer, add_bos, n_items=n, seed=opts.calib_seed, device=device,

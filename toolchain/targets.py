@@ -6,11 +6,15 @@ parallelism) and `dp` such groups each score a share of the items (data parallel
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
-from runtime.config import Mapping, ModelArgs, PRECISION_DTYPES, QUANTIZED_PRECISIONS
+from runtime.config import Mapping, ModelArgs, PRECISION_DTYPES, QUANTIZED_PRECISIONS, global_shapes, layer_shapes
 from runtime.errors import HscError
+from runtime.model import logits_chunk_rows
+from runtime.run import RunConfig
+from toolchain.shard import shard_shape, split_dim
 
 GIB = 1 << 30
 GB = 1e9
@@ -65,6 +69,8 @@ class Plan:
     # Quantized precisions: the float precision of everything that is not a quantized block linear
     # (embeddings, norms, LM head) and of the compute. None for float precisions (= precision).
     compute: str | None = None
+    rank_bytes: int = 0  # the tensors of one rank's file (rank_weight_bytes)
+    activation_bytes: int = 0  # one rank's activations at `hsc run`'s batch shape (activation_bytes)
 
 
 def _bytes_per_param(precision: str) -> int:
@@ -94,6 +100,46 @@ def weight_bytes(args: ModelArgs, precision: str, compute: str | None = None) ->
     linear = args.n_layers * (d * d * 2 + 2 * d * kv + 3 * d * f)
     rows = args.n_layers * (d + 2 * kv + d + 2 * f + d)  # one fp32 scale per output row
     return linear + 4 * rows + (args.n_params() - linear) * _bytes_per_param(compute or "fp32")
+
+
+def rank_weight_bytes(args: ModelArgs, precision: str, compute: str | None, tp: int) -> int:
+    """Bytes of the tensors one rank's file holds: its slices of the block linears plus the whole of
+    every replicated tensor (embeddings, LM head, norms; toolchain/shard.py). Quantized block linears:
+    1 byte a parameter plus one fp32 scale per output row of the slice; the rest in `compute`."""
+    float_bytes = _bytes_per_param(compute or precision)
+    layer = {f"layers.0.{n}": shape for n, shape in layer_shapes(args).items()}
+
+    def tensor_bytes(name: str, shape: tuple[int, ...]) -> int:
+        if precision not in QUANTIZED_PRECISIONS or split_dim(name) is None:
+            return math.prod(shard_shape(name, shape, tp)) * float_bytes
+        stem = name.removesuffix(".weight")
+        qdata = math.prod(shard_shape(f"{stem}.qdata", shape, tp))
+        return qdata + 4 * math.prod(shard_shape(f"{stem}.scale", shape[:1], tp))
+
+    return (args.n_layers * sum(tensor_bytes(n, s) for n, s in layer.items())
+            + sum(tensor_bytes(n, s) for n, s in global_shapes(args).items()))
+
+
+def activation_bytes(args: ModelArgs, compute: str, tp: int, on_gpu: bool,
+                     batch_tokens: int = RunConfig.batch_tokens) -> int:
+    """One rank's largest live activations in a packed `hsc run` step of batch_tokens tokens: the
+    residual stream, a normed copy and a block's output; q, k, v and their rotated copies (this
+    rank's heads); the FFN's two products and their gated product; and the fp32 logits of the scored
+    positions (about 3 in 4 tokens) with logsumexp's temporary of the same size -- chunked on the
+    CPU (runtime/model.py: logits_chunk_rows)."""
+    b = _bytes_per_param(compute)
+    qkv = (args.n_heads + 2 * args.kv_heads) // tp * args.head_dim
+    per_token = 3 * args.dim + 2 * qkv + 3 * args.ffn_dim // tp
+    scored = 3 * batch_tokens // 4
+    if not on_gpu:
+        scored = min(scored, logits_chunk_rows(args.vocab_size))
+    return batch_tokens * per_token * b + 2 * scored * args.vocab_size * 4
+
+
+def _rank_text(weights: int, activations: int, tp: int) -> str:
+    replicated = " (replicated embeddings/head/norms included)" if tp > 1 else ""
+    return (f"{weights / GB:.2f} GB of weights{replicated} + "
+            f"{activations / GB:.2f} GB of activations ({RunConfig.batch_tokens:,}-token batches)")
 
 
 def choose_precision(target: Target, requested: str) -> str:
@@ -135,7 +181,10 @@ def make_plan(args: ModelArgs, target: Target, requested_precision: str = "auto"
     if not target.is_gpu:
         if tp not in (None, 1):
             raise HscError(f"target cpu runs one process per replica; --tp {tp} needs a GPU target")
-        return Plan(precision, Mapping(1, 1), f"{size}; cpu: one process, TP=1, DP=1", compute)
+        held = rank_weight_bytes(args, precision, compute, 1)
+        act = activation_bytes(args, compute or precision, 1, on_gpu=False)
+        return Plan(precision, Mapping(1, 1), f"{size}; cpu: one process, TP=1, DP=1, holding "
+                    f"{_rank_text(held, act, 1)}", compute, held, act)
 
     budget = target.mem_per_gpu_gib * GIB * WEIGHT_MEMORY_FRACTION
     candidates = [tp] if tp else [t for t in range(1, target.n_gpus + 1) if target.n_gpus % t == 0]
@@ -147,18 +196,20 @@ def make_plan(args: ModelArgs, target: Target, requested_precision: str = "auto"
                 raise HscError(f"--tp {t} cannot split the model: {args.n_heads} heads, "
                                f"{args.kv_heads} kv heads, ffn {args.ffn_dim} must all divide by {t}")
             continue
-        per_gpu = total_bytes / t
+        per_gpu = rank_weight_bytes(args, precision, compute, t)
         if per_gpu > budget:
             if tp:
                 raise HscError(f"--tp {t}: {per_gpu / GB:.1f} GB of weights per GPU exceed "
                                f"{budget / GB:.1f} GB ({WEIGHT_MEMORY_FRACTION:.0%} of {target.gpu})")
             continue
         dp = target.n_gpus // t
+        act = activation_bytes(args, compute or precision, t, on_gpu=True)
         why = "" if (compute or precision) != "fp16" or "bf16" in target.tensor_core_dtypes else \
             f" (fp16: sm_{''.join(map(str, target.compute_capability))} has no bf16)"
         return Plan(precision, Mapping(t, dp),
                     f"{size}{why}; {target.gpu} x{target.n_gpus}: TP={t} "
-                    f"({per_gpu / GB:.1f} GB/GPU of {budget / GB:.0f} GB for weights), DP={dp}", compute)
+                    f"({(per_gpu + act) / GB:.1f} GB/GPU: {_rank_text(per_gpu, act, t)}; weights may use "
+                    f"{budget / GB:.0f} GB), DP={dp}", compute, per_gpu, act)
     valid = [t for t in range(1, target.n_gpus + 1) if target.n_gpus % t == 0 and tp_divides(args, t)]
     raise HscError(f"target {target.name}: {size} does not fit: tensor-parallel degrees that divide "
                    f"{args.n_heads} heads/{args.kv_heads} kv heads and {target.n_gpus} GPUs are "
