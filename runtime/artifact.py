@@ -9,11 +9,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from runtime.config import MANIFEST_NAME, QUANTIZED_PRECISIONS, Manifest
+from runtime.config import MANIFEST_MAX_BYTES, MANIFEST_NAME, QUANTIZED_PRECISIONS, Manifest
 from runtime.errors import file_error
 from runtime.model import Transformer, rope_tables
 from runtime.quant import scheme_from_dict, swap_linears
 from runtime.tokenizer import Tokenizer
+from runtime.validate import read_bounded
 
 
 def load_manifest(artifact: Path) -> Manifest:
@@ -23,11 +24,9 @@ def load_manifest(artifact: Path) -> Manifest:
         raise file_error(artifact, "not an artifact directory (no such directory)")
     if not path.is_file():
         raise file_error(path, "missing: not an hsc artifact")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise file_error(path, f"not valid JSON (not UTF-8 text: {e.reason} at byte {e.start})") from None
-    return Manifest.from_json(text, path)
+    manifest = Manifest.from_json(read_bounded(path, MANIFEST_MAX_BYTES, "a manifest"), path)
+    _scheme(artifact, manifest)  # a quantized artifact's scheme is part of what the manifest must get right
+    return manifest
 
 
 def sha256_of(path: Path) -> str:

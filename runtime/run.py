@@ -16,7 +16,8 @@ from runtime.artifact import load_manifest, load_tokenizer, manifest_sha256
 from runtime.errors import HscError
 from runtime.hellaswag import load_items
 from runtime.packed import FLAT_NEEDS_COMPILE, PackedScorer
-from runtime.scoring import build_requests, compute_scores, predictions, request_tokens, score_reference
+from runtime.scoring import (build_requests, compute_scores, nonfinite_items, predictions, request_tokens,
+                             score_reference)
 
 
 @dataclass(frozen=True)
@@ -217,6 +218,11 @@ def run(cfg: RunConfig, command: str, echo=print) -> dict:
         distributed.teardown(d)
         return {}
     items, requests, logliks, n_tokens = gathered
+    bad = nonfinite_items(items, logliks)
+    if bad:
+        shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
+        raise HscError(f"{cfg.artifact}: non-finite log-likelihoods (NaN or inf) for {len(bad)} of {len(items)} "
+                       f"items ({shown}): the weights or the computation are broken; no results written")
 
     preds, preds_norm = predictions(items, logliks)
     scores = compute_scores(items, preds, preds_norm)

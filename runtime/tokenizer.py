@@ -20,7 +20,7 @@ class Tokenizer:
             self._sp = spm.SentencePieceProcessor()
             try:
                 self._sp.Load(str(path))
-            except (OSError, RuntimeError) as e:
+            except (OSError, RuntimeError, ValueError) as e:  # ValueError: a piece that is not UTF-8
                 raise file_error(path, f"not a sentencepiece model ({e})") from None
             self.vocab_size = self._sp.GetPieceSize()
             if self.bos_id is None and self._sp.bos_id() >= 0:
