@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from runtime.config import MANIFEST_MAX_BYTES, MANIFEST_NAME, QUANTIZED_PRECISIONS, Manifest
@@ -72,16 +73,34 @@ def load_tokenizer(artifact: Path, manifest: Manifest) -> Tokenizer:
     return Tokenizer(t.kind, Path(artifact) / t.file, t.bos_id, t.eos_id)
 
 
-def load_rank_weights(artifact: Path, manifest: Manifest, tp_rank: int, device: str | torch.device) -> dict:
-    """The rank's safetensors file, checked against its sha256 before it is trusted."""
+def load_rank_weights(artifact: Path, manifest: Manifest, tp_rank: int, device: str | torch.device,
+                      shapes: dict[str, tuple[int, ...]] | None = None) -> dict:
+    """The rank's safetensors file, checked against its sha256 before it is trusted, and, given the
+    model's `shapes`, its header against them before any tensor is read."""
     shard = next((s for s in manifest.shards if s.tp_rank == tp_rank), None)
     if shard is None:
         raise file_error(Path(artifact) / MANIFEST_NAME, f"lists no shard for tensor-parallel rank {tp_rank}")
     verify_file(artifact, shard.file, shard.sha256, shard.bytes)
     try:
+        if shapes is not None:
+            _check_header(Path(artifact) / shard.file, shapes)
         return load_file(Path(artifact) / shard.file, device=str(device))
     except (SafetensorError, OSError) as e:
         raise file_error(Path(artifact) / shard.file, f"unreadable safetensors ({e})") from None
+
+
+def _check_header(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """The file's tensor names and shapes are the model's (the header only: nothing is allocated)."""
+    with safe_open(path, framework="pt") as f:
+        names = set(f.keys())
+        for name in sorted(names | set(shapes)):
+            if name not in shapes:
+                raise file_error(path, f"holds {name}, which the model has not (the manifest's model is another)")
+            if name not in names:
+                raise file_error(path, f"lacks {name}")
+            got = tuple(f.get_slice(name).get_shape())
+            if got != shapes[name]:
+                raise file_error(path, f"{name} has shape {list(got)}, the manifest's model needs {list(shapes[name])}")
 
 
 # QuantLinear buffers: stored in the scheme's dtypes (fp8 qdata is a float dtype too), never cast.
@@ -109,7 +128,6 @@ def build_model(artifact: Path, manifest: Manifest, device: str | torch.device, 
     meta device first; only float tensors are cast to the compute dtype, never a QuantLinear's buffers."""
     scheme = _scheme(artifact, manifest)
     dtype = compute_dtype or getattr(torch, manifest.float_dtype)
-    weights = load_rank_weights(artifact, manifest, tp_rank, device)
     with torch.device("meta"):
         model = Transformer(manifest.model, tp=manifest.mapping.tp, tp_group=tp_group)
         if scheme is not None:
@@ -117,6 +135,8 @@ def build_model(artifact: Path, manifest: Manifest, device: str | torch.device, 
                 swap_linears(model, scheme)
             except ValueError as e:  # a rank's slice does not suit the scheme's kernel
                 raise file_error(Path(artifact) / MANIFEST_NAME, str(e)) from None
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    weights = load_rank_weights(artifact, manifest, tp_rank, device, shapes)
     try:
         model.load_state_dict({k: v if k.endswith(QUANT_BUFFERS) else v.to(dtype) for k, v in weights.items()},
                               strict=True, assign=True)

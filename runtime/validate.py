@@ -122,6 +122,8 @@ class Fields:
             raise e.at(path) from None
 
     def get(self, key: str, default=REQUIRED):
+        if key in self.raw:  # a key that holds dots itself ("layers.0.attention.wq")
+            return self.raw[key]
         value = self.raw
         for part in key.split("."):
             if type(value) is dict and part in value:

@@ -195,6 +195,29 @@ def gguf_hot_fields(path: Path) -> list[tuple[int, int]]:
     return hot
 
 
+def gguf_part_offset(path: Path, name: str, part: int | None = None) -> tuple[int, int]:
+    """(offset, width) in the file of a metadata key's value (part None) or of part `part` of a
+    tensor's info (2 n_dims, 3 dims, 4 type, 5 data offset)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path), "r")
+    if part is None:
+        f = reader.fields[name]
+        part = f.data[0]
+    else:
+        f = next(t.field for t in reader.tensors if t.name == name)
+    offset = f.offset + sum(int(p.nbytes) for p in f.parts[:part])
+    width = int(f.parts[part].dtype.itemsize)
+    del reader
+    return offset, width
+
+
+def patch(path: Path, offset: int, value: int, width: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(value.to_bytes(width, "little"))
+
+
 # ---------------------------------------------------------------- the contract
 
 

@@ -283,6 +283,29 @@ def test_fuzz(masters, tmp_path, fmt):
     assert sum(tally.counts[fmt].values()) == FAST_CASES[fmt]
 
 
+# Address space for the fuzz suite run under RLIMIT_AS: torch, numpy, sentencepiece and tokenizers
+# imported and the suite run need about 1.3 GiB (measured), so a case that allocates what a hostile
+# size asks for fails with MemoryError instead of swapping.
+ADDRESS_SPACE_LIMIT = 2 << 30
+
+
+def test_fuzz_under_a_memory_limit():
+    """The fast cases again, with another seed, in a process that cannot map more than 2 GiB."""
+    import resource
+    import subprocess
+    import sys
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE_LIMIT, ADDRESS_SPACE_LIMIT))
+
+    env = {**os.environ, "HSC_FUZZ_SEED": str(SEED + 1)}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
+                           "-k", "test_fuzz and not memory_limit"], cwd=Path(__file__).resolve().parents[1],
+                          env=env, preexec_fn=limit, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert f"{len(CASES)} passed" in proc.stdout, proc.stdout[-2000:]
+
+
 @pytest.mark.slow
 def test_fuzz_long(masters, tmp_path):
     """Thousands of cases (the figures in docs/input-limits.md come from this run)."""

@@ -35,7 +35,7 @@ import torch
 from gguf import GGUFReader
 from gguf.quants import dequantize
 
-from runtime.config import FLOAT_MODEL_FIELDS, LAYER_TENSORS, MODEL_LIMITS, ModelArgs, global_shapes, layer_shapes
+from runtime.config import LAYER_TENSORS, MODEL_LIMITS, ModelArgs, global_shapes, layer_shapes
 from runtime.errors import HscError, file_error
 from runtime.validate import FieldError, bool_of, int_in, list_of, str_of
 from toolchain.hashing import sha256_file
