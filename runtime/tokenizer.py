@@ -10,10 +10,14 @@ from pathlib import Path
 
 from runtime.errors import file_error
 
+TOKENIZER_MAX_BYTES = 64 << 20  # LLaMA's tokenizer.model is 500 kB, Llama 3's tokenizer.json 9 MB
+
 
 class Tokenizer:
     def __init__(self, kind: str, path: Path, bos_id: int | None, eos_id: int | None):
         self.kind, self.path, self.bos_id, self.eos_id = kind, Path(path), bos_id, eos_id
+        if self.path.is_file() and self.path.stat().st_size > TOKENIZER_MAX_BYTES:
+            raise file_error(path, f"larger than {TOKENIZER_MAX_BYTES:,} bytes: too large for a tokenizer")
         if kind == "sentencepiece":
             import sentencepiece as spm
 

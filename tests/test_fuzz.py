@@ -10,6 +10,7 @@ from __future__ import annotations
 import bz2
 import io
 import json
+import math
 import os
 import random
 import shutil
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 from runtime.artifact import load_manifest, sha256_of
 from runtime.config import ModelArgs
@@ -204,7 +206,28 @@ def _damaged_meta_file(m: Masters, rng: random.Random, workdir: Path, name: str)
 
 
 def case_meta_pth(m: Masters, rng: random.Random, workdir: Path):
-    return _damaged_meta_file(m, rng, workdir, "consolidated.00.pth")
+    if rng.random() < 0.6:
+        return _damaged_meta_file(m, rng, workdir, "consolidated.00.pth")
+    ckpt = _fresh(workdir, m.meta)  # the state dict itself: a tensor gone, reshaped, retyped or not finite
+    shard = ckpt / "consolidated.00.pth"
+    sd = torch.load(shard, weights_only=True)
+    name = rng.choice(sorted(sd))
+    what, value = rng.choice([
+        ("deleted", None), ("transposed", sd[name].t() if sd[name].ndim == 2 else sd[name][None]),
+        ("as int32", sd[name].to(torch.int32)), ("as float64", sd[name].double()), ("a list", sd[name].tolist()),
+        ("empty", sd[name][:0]), ("an int", 7), ("with a NaN", sd[name].index_fill(0, torch.tensor([0]), math.nan)),
+        ("with -inf", sd[name].index_fill(0, torch.tensor([0]), -math.inf)), ("flattened", sd[name].flatten()),
+    ])
+    if value is None:
+        del sd[name]
+    else:
+        sd[name] = value
+    if rng.random() < 0.2:
+        sd["layers.99.attention.wq.weight"] = sd[name] if name in sd else 0
+        what += ", layers.99 added"
+    torch.save(sd, shard)
+    call, names, check = _compile_case(ckpt, workdir, ("consolidated.00.pth", "params.json", "meta"))
+    return f"{name} {what}", call, names, check
 
 
 def case_sentencepiece(m: Masters, rng: random.Random, workdir: Path):

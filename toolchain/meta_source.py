@@ -24,13 +24,14 @@ import torch
 
 from runtime.config import ModelArgs, global_shapes, layer_shapes, weight_names
 from runtime.errors import file_error
+from runtime.tokenizer import TOKENIZER_MAX_BYTES
 from runtime.validate import read_bounded
 from toolchain.hashing import file_digests
 from toolchain.source import ModelSource, TokenizerSource, check_finite
 
 SHARD_RE = re.compile(r"consolidated\.(\d+)\.pth")
 CHECKLIST = "checklist.chk"
-TOKENIZER_MAX_BYTES = 64 << 20  # LLaMA's tokenizer.model is 500 kB
+CHECKLIST_MAX_BYTES = 1 << 20  # Meta's lists a dozen files
 
 # Keys Meta's shards carry that are not weights (LLaMA-1 stores the RoPE table); we recompute them.
 IGNORED_KEYS = frozenset({"rope.freqs"})
@@ -131,7 +132,8 @@ class MetaSource(ModelSource):
         if not path.is_file():
             return {}
         expected = {}
-        for lineno, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        text = read_bounded(path, CHECKLIST_MAX_BYTES, "a checklist").decode(errors="replace")
+        for lineno, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             parts = line.split(maxsplit=1)
