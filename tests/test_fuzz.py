@@ -306,6 +306,36 @@ def test_fuzz(masters, tmp_path, fmt):
     assert sum(tally.counts[fmt].values()) == FAST_CASES[fmt]
 
 
+def _recurse():
+    return _recurse()
+
+
+def _allocate_256_mib():
+    import numpy as np
+
+    np.ones(1 << 25).sum()  # 256 MiB of float64, touched
+
+
+@pytest.mark.parametrize("call, problem", [
+    (lambda: int("x"), "ValueError instead of HscError"),
+    (_recurse, "RecursionError instead of HscError"),
+    (lambda: __import__("time").sleep(5), "still running after 0.5 s"),
+    (_allocate_256_mib, "peak resident memory grew by"),
+])
+def test_the_contract_catches_what_it_should(call, problem):
+    with pytest.raises(AssertionError, match=problem):
+        fuzz.expect_clean(call, "case", ("f.json",), time_limit=0.5 if "running" in problem else 60, rss_limit=64 << 20)
+
+
+def test_the_contract_wants_the_file_named():
+    def refuse():
+        raise fuzz.HscError("something is wrong")
+
+    with pytest.raises(AssertionError, match="names no file"):
+        fuzz.expect_clean(refuse, "case", ("f.json",))
+    assert fuzz.expect_clean(lambda: None, "case") == "accepted"
+
+
 # Address space for the fuzz suite run under RLIMIT_AS: torch, numpy, sentencepiece and tokenizers
 # imported and the suite run need about 1.3 GiB (measured), so a case that allocates what a hostile
 # size asks for fails with MemoryError instead of swapping.
