@@ -274,7 +274,9 @@ def expect_clean(call, label: str, names: tuple[str, ...] = (), time_limit: floa
         outcome = "refused"
     except _Timeout:
         raise AssertionError(f"{label}: still running after {time_limit} s") from None
-    except Exception as e:
+    except (Exception, BaseException) as e:  # BaseException: a Rust panic from a library (pyo3) too
+        if isinstance(e, KeyboardInterrupt):
+            raise
         tb = "".join(traceback.format_exception(e)[-6:])
         raise AssertionError(f"{label}: {type(e).__name__} instead of HscError: {e}\n{tb}") from None
     elapsed = time.perf_counter() - t0

@@ -37,6 +37,7 @@ from gguf.quants import dequantize
 
 from runtime.config import LAYER_TENSORS, MODEL_LIMITS, ModelArgs, global_shapes, layer_shapes
 from runtime.errors import HscError, file_error
+from runtime.tokenizer import check_bpe, hf_call
 from runtime.validate import FieldError, bool_of, int_in, list_of, str_of
 from toolchain.hashing import sha256_file
 from toolchain.source import ModelSource, TokenizerSource, check_finite
@@ -334,10 +335,10 @@ class GGUFSource(ModelSource):
             if not sep:
                 raise file_error(self.path, f"malformed merge {m!r} in tokenizer.ggml.merges")
             pairs.append((a, b))
-        try:
-            tok = Tokenizer(BPE(vocab, pairs, byte_fallback=False, fuse_unk=False, ignore_merges=ignore_merges))
-        except Exception as e:  # tokenizers raises a bare Exception, e.g. for a merge outside the vocab
-            raise file_error(self.path, f"embedded BPE vocabulary is inconsistent ({e})") from None
+        check_bpe(self.path, vocab, pairs)
+        bpe = hf_call(self.path, "embedded BPE vocabulary is inconsistent", BPE, vocab, pairs, byte_fallback=False,
+                      fuse_unk=False, ignore_merges=ignore_merges)
+        tok = Tokenizer(bpe)
         tok.pre_tokenizer = pre_tokenizer
         tok.decoder = decoders.ByteLevel()
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
