@@ -260,3 +260,19 @@ def test_hellaswag_huge_ending_refused(hsc, artifact, tmp_path):
 def test_hellaswag_label_strings_that_are_numbers_still_read(tmp_path):
     items, _, _ = load_split(str(_jsonl(tmp_path, '"3"')))
     assert items[0].label == 3
+
+
+def test_bpe_merge_outside_the_vocabulary_is_one_line_and_no_panic(tmp_path, capfd):
+    """The tokenizers library panics (a Rust panic, printed to stderr) on such a merge: hsc refuses first."""
+    from runtime.tokenizer import Tokenizer
+
+    doc = {"version": "1.0", "model": {"type": "BPE", "vocab": {"a": 0, "b": 1}, "merges": ["a b"]}}
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(HscError, match="tokenizer.json: merge 0 .* is not two tokens of the vocabulary"):
+        Tokenizer("hf", path, None, None)
+    doc["model"].update(vocab={"a": 0, "b": 1, "ab": -5})
+    path.write_text(json.dumps(doc))
+    with pytest.raises(HscError, match="tokenizer.json: token 'ab' has id -5"):
+        Tokenizer("hf", path, None, None)
+    assert capfd.readouterr().err == ""
