@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runtime.errors import HscError, file_error
-from runtime.validate import FieldError, Fields, int_in, number_in, object_of, optional, parse_json, read_json
+from runtime.validate import (FieldError, Fields, entries, int_in, number_in, object_of, optional, parse_json,
+                              read_json)
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -350,11 +351,7 @@ def _calibration(f: Fields | None) -> dict | None:
     f.sha256("sha256", default=None, nullable=True)
     for key in ("bytes", "seed", "n_items", "n_tokens"):
         f.int(key, 0, MAX_FILE_BYTES, default=None, nullable=True)
-    for i, item in enumerate(f.list("item_ids", MAX_ITEMS, default=None, nullable=True) or []):
-        try:
-            int_in(item, f"item_ids[{i}]", 0, MAX_FILE_BYTES)
-        except FieldError as e:
-            raise e.at(f.path, f.prefix) from None
+    f.read(entries, "item_ids", MAX_ITEMS, int_in, 0, MAX_FILE_BYTES, default=None, nullable=True)
     return f.raw
 
 
@@ -363,11 +360,7 @@ def _smoothing(f: Fields | None, model: ModelArgs) -> dict | None:
         return None
     if f.get("alpha", None) != "auto":
         f.number("alpha", 0, 1, default=None, nullable=True)
-    for i, alpha in enumerate(f.list("per_layer", model.n_layers, default=None, nullable=True) or []):
-        try:
-            optional(number_in, alpha, f"per_layer[{i}]", 0, 1)
-        except FieldError as e:
-            raise e.at(f.path, f.prefix) from None
+    f.read(entries, "per_layer", model.n_layers, optional, number_in, 0, 1, default=None, nullable=True)
     return f.raw
 
 

@@ -104,9 +104,14 @@ def object_of(value, field: str) -> dict:
     return _typed(value, field, (dict,), "an object")
 
 
-def optional(reader, value, field: str, *args, **kwargs):
-    """reader(value, ...) unless the value is None."""
-    return None if value is None else reader(value, field, *args, **kwargs)
+def optional(value, field: str, reader, *args):
+    """reader(value, field, *args) unless the value is None."""
+    return None if value is None else reader(value, field, *args)
+
+
+def entries(value, field: str, max_len: int, reader, *args) -> list:
+    """A list of at most `max_len` entries, each passing reader(entry, "field[i]", *args)."""
+    return [reader(v, f"{field}[{i}]", *args) for i, v in enumerate(list_of(value, field, max_len))]
 
 
 class Fields:

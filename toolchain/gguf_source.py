@@ -38,7 +38,7 @@ from gguf.quants import dequantize
 from runtime.config import LAYER_TENSORS, MODEL_LIMITS, ModelArgs, global_shapes, layer_shapes
 from runtime.errors import HscError, file_error
 from runtime.tokenizer import check_bpe, hf_call
-from runtime.validate import FieldError, bool_of, int_in, list_of, str_of
+from runtime.validate import FieldError, bool_of, entries, int_in, list_of, str_of
 from toolchain.hashing import sha256_file
 from toolchain.source import ModelSource, TokenizerSource, check_finite
 
@@ -157,11 +157,7 @@ class GGUFSource(ModelSource):
             raise e.at(self.path) from None
 
     def _get_strings(self, key: str, max_len: int) -> list[str] | None:
-        values = self._get(key, None, list_of, max_len)
-        for i, v in enumerate(values or []):
-            if type(v) is not str:
-                raise file_error(self.path, f"{key}[{i}]: must be a string, got {type(v).__name__}")
-        return values
+        return self._get(key, None, entries, max_len, str_of)
 
     def _model_args(self) -> ModelArgs:
         g = lambda key, default=_REQUIRED: self._get(f"llama.{key}", default)  # noqa: E731
