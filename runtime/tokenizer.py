@@ -37,6 +37,9 @@ class Tokenizer:
             text = read_bounded(path, TOKENIZER_MAX_BYTES, "a tokenizer.json")
             model = Fields(parse_json(text, path), path).obj("model", default=None)
             if model is not None and model.get("type", None) == "BPE":
+                for key in ("continuing_subword_prefix", "end_of_word_suffix"):  # byte-level BPE has neither
+                    if model.get(key, None):
+                        raise model.fail(key, "is not supported (hsc reads byte-level BPE vocabularies)")
                 vocab = model.read(object_of, "vocab")
                 merges = [m.split(" ", 1) if isinstance(m, str) else m for m in model.list("merges", 1 << 24)]
                 check_bpe(path, vocab, merges)

@@ -16,9 +16,12 @@ from __future__ import annotations
 import contextlib
 import faulthandler
 import json
+import os
 import random
 import signal
 import struct
+import sys
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -232,8 +235,30 @@ class Tally:
         self.counts[fmt][outcome] += 1
 
 
+# Where a hung case's stacks go: a copy of the original stderr, since fd 2 is redirected during a case.
+_STACKS = os.fdopen(os.dup(2), "w")
+
+
 class _Timeout(Exception):
     pass
+
+
+@contextlib.contextmanager
+def _native_stderr(sink: list):
+    """What native code (a Rust panic message, a C++ library's log) writes to file descriptor 2 meanwhile:
+    the CLI's stderr must hold the one error line and nothing else."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            sink.append(tmp.read().decode(errors="replace"))
 
 
 @contextlib.contextmanager
@@ -244,7 +269,7 @@ def _time_limit(seconds: float):
     old = signal.signal(signal.SIGALRM, alarm)
     signal.setitimer(signal.ITIMER_REAL, seconds)
     # A hang inside C code never returns to Python for the alarm: dump every stack and exit instead.
-    faulthandler.dump_traceback_later(seconds * 3, exit=True)
+    faulthandler.dump_traceback_later(seconds * 3, exit=True, file=_STACKS)
     try:
         yield
     finally:
@@ -262,8 +287,9 @@ def expect_clean(call, label: str, names: tuple[str, ...] = (), time_limit: floa
     hwm_reset = _reset_hwm()
     rss0 = read_status().get("VmRSS", 0)
     t0 = time.perf_counter()
+    native: list[str] = []
     try:
-        with _time_limit(time_limit):
+        with _time_limit(time_limit), _native_stderr(native):
             call()
         outcome = "accepted"
     except HscError as e:
@@ -279,6 +305,7 @@ def expect_clean(call, label: str, names: tuple[str, ...] = (), time_limit: floa
             raise
         tb = "".join(traceback.format_exception(e)[-6:])
         raise AssertionError(f"{label}: {type(e).__name__} instead of HscError: {e}\n{tb}") from None
+    assert not native[0].strip(), f"{label}: native code wrote to stderr: {native[0][:500]!r}"
     elapsed = time.perf_counter() - t0
     assert elapsed < time_limit, f"{label}: took {elapsed:.1f} s"
     if hwm_reset:

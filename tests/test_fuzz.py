@@ -321,6 +321,7 @@ def _allocate_256_mib():
     (_recurse, "RecursionError instead of HscError"),
     (lambda: __import__("time").sleep(5), "still running after 0.5 s"),
     (_allocate_256_mib, "peak resident memory grew by"),
+    (lambda: os.write(2, b"a library's log line"), "native code wrote to stderr"),
 ])
 def test_the_contract_catches_what_it_should(call, problem):
     with pytest.raises(AssertionError, match=problem):
