@@ -9,15 +9,16 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from runtime.config import MANIFEST_NAME, QUANTIZED_PRECISIONS, Manifest
+from runtime.config import MANIFEST_MAX_BYTES, MANIFEST_NAME, QUANTIZED_PRECISIONS, Manifest
 from runtime.errors import file_error
 from runtime.model import Transformer, rope_tables
 from runtime.paths import confined
 from runtime.quant import scheme_from_dict, swap_linears
 from runtime.tokenizer import Tokenizer
+from runtime.validate import read_bounded
 
 
 def load_manifest(artifact: Path) -> Manifest:
@@ -28,13 +29,10 @@ def load_manifest(artifact: Path) -> Manifest:
     if not path.exists() and not path.is_symlink():
         raise file_error(path, "missing: not an hsc artifact")
     confined(artifact, MANIFEST_NAME, "artifact")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise file_error(path, f"not valid JSON (not UTF-8 text: {e.reason} at byte {e.start})") from None
-    manifest = Manifest.from_json(text, path)
+    manifest = Manifest.from_json(read_bounded(path, MANIFEST_MAX_BYTES, "a manifest"), path)
     for name, _, _ in artifact_files(manifest):  # every name the manifest gives stays inside the artifact
         confined(artifact, name, "artifact", must_exist=False)
+    _scheme(artifact, manifest)  # a quantized artifact's scheme is part of what the manifest must get right
     return manifest
 
 
@@ -154,9 +152,10 @@ def load_tokenizer(artifact: Path, manifest: Manifest) -> Tokenizer:
 
 
 def load_rank_weights(artifact: Path, manifest: Manifest, tp_rank: int, device: str | torch.device,
-                      verify: bool = True) -> dict:
+                      verify: bool = True, shapes: dict[str, tuple[int, ...]] | None = None) -> dict:
     """The rank's safetensors file, checked against its sha256 before it is trusted (verify=False: the
-    caller checked it), read straight onto `device`."""
+    caller checked it) and, given the model's `shapes`, its header against them before any tensor is read;
+    read straight onto `device`."""
     shard = next((s for s in manifest.shards if s.tp_rank == tp_rank), None)
     if shard is None:
         raise file_error(Path(artifact) / MANIFEST_NAME, f"lists no shard for tensor-parallel rank {tp_rank}")
@@ -165,9 +164,25 @@ def load_rank_weights(artifact: Path, manifest: Manifest, tp_rank: int, device: 
     else:
         path = confined(artifact, shard.file, "artifact")
     try:
+        if shapes is not None:
+            _check_header(path, shapes)
         return load_file(path, device=str(device))
     except (SafetensorError, OSError) as e:
         raise file_error(path, f"unreadable safetensors ({e})") from None
+
+
+def _check_header(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """The file's tensor names and shapes are the model's (the header only: nothing is allocated)."""
+    with safe_open(path, framework="pt") as f:
+        names = set(f.keys())
+        for name in sorted(names | set(shapes)):
+            if name not in shapes:
+                raise file_error(path, f"holds {name}, which the model has not (the manifest's model is another)")
+            if name not in names:
+                raise file_error(path, f"lacks {name}")
+            got = tuple(f.get_slice(name).get_shape())
+            if got != shapes[name]:
+                raise file_error(path, f"{name} has shape {list(got)}, the manifest's model needs {list(shapes[name])}")
 
 
 # QuantLinear buffers: stored in the scheme's dtypes (fp8 qdata is a float dtype too), never cast.
@@ -195,7 +210,6 @@ def build_model(artifact: Path, manifest: Manifest, device: str | torch.device, 
     meta device first; only float tensors are cast to the compute dtype, never a QuantLinear's buffers."""
     scheme = _scheme(artifact, manifest)
     dtype = compute_dtype or getattr(torch, manifest.float_dtype)
-    weights = load_rank_weights(artifact, manifest, tp_rank, device, verify=verify)
     with torch.device("meta"):
         model = Transformer(manifest.model, tp=manifest.mapping.tp, tp_group=tp_group)
         if scheme is not None:
@@ -203,6 +217,8 @@ def build_model(artifact: Path, manifest: Manifest, device: str | torch.device, 
                 swap_linears(model, scheme)
             except ValueError as e:  # a rank's slice does not suit the scheme's kernel
                 raise file_error(Path(artifact) / MANIFEST_NAME, str(e)) from None
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    weights = load_rank_weights(artifact, manifest, tp_rank, device, verify=verify, shapes=shapes)
     try:
         model.load_state_dict({k: v if k.endswith(QUANT_BUFFERS) else v.to(dtype) for k, v in weights.items()},
                               strict=True, assign=True)

@@ -9,10 +9,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from runtime.errors import HscError, file_error
+from runtime.validate import (FieldError, Fields, entries, int_in, number_in, object_of, optional, parse_json,
+                              read_json)
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -23,6 +26,28 @@ PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 # Quantized precisions (runtime/quant.py schemes): the block linears are stored quantized, everything
 # else (embeddings, norms, LM head) in the manifest's `compute_dtype`.
 QUANTIZED_PRECISIONS = ("fp8", "int8", "w8")
+
+
+# The sizes hsc accepts, from any source (params.json, GGUF, a manifest), stated in docs/input-limits.md:
+# several times the largest LLaMA-family models, small enough that nothing derived from them exhausts
+# memory before the weights are checked. Floats are (lo, hi]: finite and above lo.
+MODEL_LIMITS = {
+    "dim": (1, 1 << 16),
+    "n_layers": (1, 1024),
+    "n_heads": (1, 1024),
+    "n_kv_heads": (1, 1024),
+    "vocab_size": (1, 1 << 22),
+    "multiple_of": (1, 1 << 16),
+    "ffn_dim_multiplier": (0.0, 64.0),
+    "norm_eps": (0.0, 1.0),
+    "rope_theta": (0.0, 1e12),
+    "hidden_dim": (1, 1 << 20),
+    "max_seq_len": (1, 1 << 20),
+}
+OPTIONAL_MODEL_FIELDS = ("n_kv_heads", "ffn_dim_multiplier", "hidden_dim")
+FLOAT_MODEL_FIELDS = ("ffn_dim_multiplier", "norm_eps", "rope_theta")
+PARAMS_JSON_MAX_BYTES = 1 << 20
+MANIFEST_MAX_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -44,12 +69,9 @@ class ModelArgs:
 
     @classmethod
     def from_params_json(cls, path: Path, **overrides) -> "ModelArgs":
-        try:
-            raw = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise file_error(path, "missing (a Meta checkpoint needs params.json)") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise file_error(path, f"not valid JSON ({e})") from None
+        if not Path(path).exists():
+            raise file_error(path, "missing (a Meta checkpoint needs params.json)")
+        raw = read_json(path, PARAMS_JSON_MAX_BYTES, "a params.json")
         if not isinstance(raw, dict):
             raise file_error(path, "expected a JSON object")
         known = {f.name for f in dataclasses.fields(cls)}
@@ -58,10 +80,21 @@ class ModelArgs:
         missing = [k for k in ("dim", "n_layers", "n_heads") if k not in kwargs]
         if missing:
             raise file_error(path, f"missing required field(s) {', '.join(missing)}")
+        return cls.from_fields(kwargs, path)
+
+    @classmethod
+    def from_fields(cls, kwargs: dict, path, prefix: str = "") -> "ModelArgs":
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for name in kwargs:
+            if name not in fields:
+                raise file_error(path, f"{prefix}{str(name)[:64]}: unknown field")
+        for name, f in fields.items():
+            if f.default is dataclasses.MISSING and name not in kwargs:
+                raise file_error(path, f"{prefix}{name}: missing")
         try:
             return cls(**kwargs)
-        except (TypeError, ValueError) as e:
-            raise file_error(path, str(e)) from None
+        except FieldError as e:
+            raise e.at(path, prefix) from None
 
     def params_json(self) -> dict:
         """params.json as Meta writes it: optional fields only when they are set (hidden_dim, not a
@@ -79,15 +112,24 @@ class ModelArgs:
         return out
 
     def __post_init__(self):
-        for name in ("dim", "n_layers", "n_heads"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        """Types, ranges (MODEL_LIMITS) and relations; a FieldError (a ValueError) names the field."""
+        for name, (lo, hi) in MODEL_LIMITS.items():
+            value = getattr(self, name)
+            if name == "vocab_size" and value == -1:
+                continue
+            if value is not None or name not in OPTIONAL_MODEL_FIELDS:
+                if name in FLOAT_MODEL_FIELDS:
+                    number_in(value, name, lo, hi, lo_open=True)
+                else:
+                    int_in(value, name, lo, hi)
         if self.dim % self.n_heads:
-            raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
-        if self.n_heads % self.kv_heads:
-            raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.kv_heads}")
+            raise FieldError("n_heads", f"{self.n_heads} does not divide dim {self.dim}")
+        if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
+            raise FieldError("n_kv_heads", f"{self.n_kv_heads} does not divide n_heads {self.n_heads}")
         if self.head_dim % 2:
-            raise ValueError(f"head dimension {self.head_dim} must be even for rotary embeddings")
+            raise FieldError("dim", f"head dimension {self.head_dim} (dim/n_heads) must be even for rotary embeddings")
+        if not 1 <= self.ffn_dim <= MODEL_LIMITS["hidden_dim"][1]:
+            raise FieldError("hidden_dim", f"FFN width {self.ffn_dim} is outside 1..{MODEL_LIMITS['hidden_dim'][1]}")
 
     @property
     def kv_heads(self) -> int:
@@ -140,6 +182,9 @@ class ShardFile:
     sha256: str
     bytes: int
     params_by_dtype: dict[str, int] = field(default_factory=dict)
+
+
+TOKENIZER_KINDS = ("sentencepiece", "hf")
 
 
 @dataclass(frozen=True)
@@ -203,52 +248,161 @@ class Manifest:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
 
     @classmethod
-    def from_json(cls, text: str, path: Path) -> "Manifest":
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise file_error(path, f"not valid JSON ({e})") from None
+    def from_json(cls, text: str | bytes, path: Path) -> "Manifest":
+        """Every field checked for type, range and its relations to the others (one line naming the
+        field when one is wrong); unknown top-level fields are ignored, unknown model fields are not."""
+        raw = parse_json(text, path)
         version = raw.get("format_version") if isinstance(raw, dict) else None
-        if version != FORMAT_VERSION:
+        if type(version) is not int or version != FORMAT_VERSION:
             raise file_error(
                 path,
                 f"unknown manifest format_version {version!r}; this hsc reads version {FORMAT_VERSION}"
                 " (recompile the artifact with this hsc)",
             )
-        try:
-            return cls(
-                format_version=version,
-                model_name=raw["model_name"],
-                model=ModelArgs(**raw["model"]),
-                target=raw["target"],
-                precision=raw["precision"],
-                mapping=Mapping(**raw["mapping"]),
-                plan=raw["plan"],
-                shards=tuple(ShardFile(**s) for s in raw["shards"]),
-                tokenizer=TokenizerInfo(**raw["tokenizer"]),
-                provenance=Provenance(**raw["provenance"]),
-                target_info=_target_info(raw.get("target_info")),
-                compute_dtype=raw.get("compute_dtype"),
-                quantization=_optional_object("quantization", raw.get("quantization")),
-                calibration=_optional_object("calibration", raw.get("calibration")),
-                smoothing=_optional_object("smoothing", raw.get("smoothing")),
-                quant_report=_optional_object("quant_report", raw.get("quant_report")),
-                resources=_optional_object("resources", raw.get("resources")),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise file_error(path, f"malformed manifest ({type(e).__name__}: {e})") from None
+        f = Fields(raw, path)
+        f.int("model.vocab_size", *MODEL_LIMITS["vocab_size"])  # -1 (from the tokenizer) is for params.json only
+        model = ModelArgs.from_fields(f.obj("model").raw, path, "model.")
+        precision = f.str("precision", choices=(*PRECISION_DTYPES, *QUANTIZED_PRECISIONS))
+        mapping = _mapping(f.obj("mapping"), model)
+        return cls(
+            format_version=version,
+            model_name=f.str("model_name", 1024),
+            model=model,
+            target=f.str("target", 256),
+            precision=precision,
+            mapping=mapping,
+            plan=f.str("plan"),
+            shards=_shards(f, mapping.tp),
+            tokenizer=_tokenizer_info(f.obj("tokenizer"), model),
+            provenance=Provenance(**{k: f.str(f"provenance.{k}") for k in PROVENANCE_FIELDS}),
+            target_info=_target_info(f.obj("target_info", default=None, nullable=True)),
+            compute_dtype=f.str("compute_dtype", choices=tuple(PRECISION_DTYPES.values()), default=None,
+                                nullable=True),
+            quantization=f.read(object_of, "quantization", default=None, nullable=True),
+            calibration=_calibration(f.obj("calibration", default=None, nullable=True)),
+            smoothing=_smoothing(f.obj("smoothing", default=None, nullable=True), model),
+            quant_report=_quant_report(f.obj("quant_report", default=None, nullable=True)),
+            resources=_resources(f.obj("resources", default=None, nullable=True)),
+        )
 
 
-def _target_info(raw) -> dict | None:
-    if raw is not None and not isinstance(raw, dict):
-        raise TypeError(f"target_info must be an object, got {type(raw).__name__}")
-    return raw
+# Bounds of the manifest's own numbers (docs/input-limits.md).
+MAX_TP, MAX_DP = 1024, 1 << 16
+MAX_FILE_BYTES = 1 << 50
+SAFETENSORS_HEADER_MAX = 100 << 20  # what the safetensors library itself accepts
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1, "int8": 1, "uint8": 1, "int32": 4,
+               "int64": 8}
+PROVENANCE_FIELDS = tuple(f.name for f in dataclasses.fields(Provenance))
+MAX_ITEMS = 1 << 20  # item ids a calibration may list
 
 
-def _optional_object(name: str, raw) -> dict | None:
-    if raw is not None and not isinstance(raw, dict):
-        raise TypeError(f"{name} must be an object, got {type(raw).__name__}")
-    return raw
+def _mapping(f: Fields, model: ModelArgs) -> Mapping:
+    tp, dp = f.int("tp", 1, MAX_TP), f.int("dp", 1, MAX_DP)
+    for what, n in (("n_heads", model.n_heads), ("n_kv_heads", model.kv_heads), ("FFN width", model.ffn_dim)):
+        if n % tp:
+            raise f.fail("tp", f"{tp} does not divide the model's {what} {n}")
+    return Mapping(tp=tp, dp=dp)
+
+
+def _shards(f: Fields, tp: int) -> tuple[ShardFile, ...]:
+    """One shard per tensor-parallel rank, each with a size its tensors can fill."""
+    shards = []
+    for s in f.each("shards", MAX_TP, length=tp):
+        params = s.obj("params_by_dtype")
+        counts = {k: params.int(k, 0, MAX_FILE_BYTES) for k in params.raw}
+        unknown = sorted(set(counts) - set(DTYPE_BYTES))
+        if unknown:
+            raise params.fail(unknown[0], f"unknown dtype (known: {', '.join(DTYPE_BYTES)})")
+        nbytes = s.int("bytes", 8, MAX_FILE_BYTES)
+        data = sum(n * DTYPE_BYTES[d] for d, n in counts.items())
+        if not data + 8 <= nbytes <= data + 8 + SAFETENSORS_HEADER_MAX:
+            raise s.fail("bytes", f"{nbytes} does not fit params_by_dtype ({data} bytes of tensor data)")
+        shards.append(ShardFile(file=s.str("file", 4096), tp_rank=s.int("tp_rank", 0, tp - 1), sha256=s.sha256("sha256"),
+                                bytes=nbytes, params_by_dtype=counts))
+    ranks = [s.tp_rank for s in shards]
+    if sorted(ranks) != list(range(tp)):
+        raise f.fail("shards", f"tp ranks {ranks} are not 0..{tp - 1} once each")
+    return tuple(shards)
+
+
+def _tokenizer_info(f: Fields, model: ModelArgs) -> TokenizerInfo:
+    ids = {k: f.int(k, 0, model.vocab_size - 1, nullable=True) for k in ("bos_id", "eos_id")}
+    return TokenizerInfo(file=f.str("file", 4096), kind=f.str("kind", choices=TOKENIZER_KINDS),
+                         sha256=f.sha256("sha256"), add_bos=f.bool("add_bos"), **ids)
+
+
+def _target_info(f: Fields | None) -> dict | None:
+    if f is None:
+        return None
+    f.str("gpu", 256, default=None, nullable=True)
+    if f.list("compute_capability", 2, length=2, default=None, nullable=True) is not None:
+        f.int("compute_capability.0", 0, 1000)
+        f.int("compute_capability.1", 0, 1000)
+    f.int("n_gpus", 0, MAX_TP * MAX_DP, default=None, nullable=True)
+    f.number("mem_per_gpu_gib", -1, 1 << 30, default=None, nullable=True)
+    return f.raw
+
+
+def _calibration(f: Fields | None) -> dict | None:
+    if f is None:
+        return None
+    for key in ("file", "source", "split", "reused_from"):
+        f.str(key, 4096, default=None, nullable=True)
+    f.sha256("sha256", default=None, nullable=True)
+    for key in ("bytes", "seed", "n_items", "n_tokens"):
+        f.int(key, 0, MAX_FILE_BYTES, default=None, nullable=True)
+    f.read(entries, "item_ids", MAX_ITEMS, int_in, 0, MAX_FILE_BYTES, default=None, nullable=True)
+    return f.raw
+
+
+def _smoothing(f: Fields | None, model: ModelArgs) -> dict | None:
+    if f is None:
+        return None
+    if f.get("alpha", None) != "auto":
+        f.number("alpha", 0, 1, default=None, nullable=True)
+    f.read(entries, "per_layer", model.n_layers, optional, number_in, 0, 1, default=None, nullable=True)
+    return f.raw
+
+
+# The numbers of a quantization check that `hsc inspect` prints (toolchain/quant_check.check_summary).
+_CHECK_NUMBERS = ("agree_pred", "agree_pred_norm", "loglik_abs_diff.mean", "loglik_abs_diff.max", "float.acc_norm",
+                  "quant.acc_norm", "acc_norm_drop_points", "mcnemar.p_two_sided")
+
+
+def _quant_report(f: Fields | None) -> dict | None:
+    if f is None:
+        return None
+    per_linear = f.obj("per_linear", default=None, nullable=True)
+    for name in (per_linear.raw if per_linear else {}):
+        if not re.fullmatch(r"layers\.\d{1,4}\.[\w.]{1,64}", name):
+            raise per_linear.fail(name, "not a layers.N.NAME linear")
+        r = per_linear.obj(name)
+        r.number("sqnr_db", -1e6, 1e6, nullable=True)
+        r.number("rel_error", 0, 1e30)
+    check = f.obj("check", default=None, nullable=True)
+    if check is not None and check.get("skipped", None) is None:
+        check.int("items", 0, MAX_FILE_BYTES)
+        check.number("max_drop", 0, 100, nullable=True)
+        check.bool("passed", nullable=True)
+        for key in _CHECK_NUMBERS:
+            check.number(key, -1e30, 1e30)
+        check.list("drop_ci95_points", 2, length=2)
+        check.number("drop_ci95_points.0", -1e30, 1e30)
+        check.number("drop_ci95_points.1", -1e30, 1e30)
+        for layer in check.each("per_layer", MAX_TP * 1024, default=None, nullable=True):
+            layer.number("sqnr_db", -1e6, 1e6, nullable=True)
+    elif check is not None:
+        check.str("skipped")
+    return f.raw
+
+
+def _resources(f: Fields | None) -> dict | None:
+    if f is None:
+        return None
+    for key in ("wall_s", "peak_rss_bytes", "peak_anon_bytes", "peak_file_bytes", "peak_gpu_bytes", "sample_interval_s"):
+        f.number(key, 0, MAX_FILE_BYTES, default=None, nullable=True)
+    f.str("hwm_since", 256, default=None, nullable=True)
+    return f.raw
 
 
 def weight_names(args: ModelArgs) -> list[str]:

@@ -6,13 +6,19 @@ without a traceback.
 """
 
 
+MAX_MESSAGE = 1000  # characters: a hostile value quoted in a message must not flood the terminal
+
+
 class HscError(Exception):
     """A user-facing failure: `str(err)` is one line naming the file and the problem."""
 
     exit_code = 1
 
     def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))  # always one line
+        line = " ".join(str(message).split())  # always one line
+        if len(line) > MAX_MESSAGE:
+            line = line[: MAX_MESSAGE - 200] + " [...] " + line[-193:]
+        super().__init__(line)
 
 
 class Interrupted(HscError):

@@ -12,13 +12,13 @@ compiler may calibrate on the train split (load_split says which split items com
 from __future__ import annotations
 
 import bz2
-import json
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.errors import HscError, file_error
+from runtime.validate import Fields, parse_json
 
 VALIDATION_SIZE = 10_042
 # The most bytes (UTF-8) a context or an ending may have (the validation set's longest context has 498,
@@ -45,22 +45,43 @@ def preprocess(text: str) -> str:
     return text.replace("  ", " ")
 
 
-def from_official(doc: dict) -> tuple[str, list[str], int]:
-    ctx = doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
-    return preprocess(doc["activity_label"] + ": " + ctx), [preprocess(e) for e in doc["endings"]], doc["label"]
+# What a HellaSwag source may hold (docs/input-limits.md): real contexts and endings are under 1,000
+# characters, the three splits 60,000 items together.
+MAX_FIELD_CHARS = 1 << 16
+MAX_LINE_BYTES = 1 << 20  # one jsonl line (one item)
+MAX_ITEMS = 200_000
+
+
+def from_official(doc: dict, where: str = "item") -> tuple[str, list[str], int]:
+    f = Fields(doc, where)
+    ctx = f.str("ctx_a", MAX_FIELD_CHARS) + " " + f.str("ctx_b", MAX_FIELD_CHARS).capitalize()
+    endings = [preprocess(e) for e in _endings(f, "endings")]
+    return preprocess(f.str("activity_label", MAX_FIELD_CHARS) + ": " + ctx), endings, f.get("label")
+
+
+def _endings(f: Fields, key: str) -> list[str]:
+    endings = f.list(key, 4)
+    if len(endings) != 4:
+        raise HscError(f"{f.path}: expected 4 endings, found {len(endings)}")
+    return [f.str(f"{key}.{j}", MAX_FIELD_CHARS) for j in range(4)]
 
 
 def _make_item(index: int, query, endings, label, where: str) -> Item:
+    """An item from already-typed fields; `label` an int or the text of one, strictly 0-3."""
     if not isinstance(endings, (list, tuple)) or len(endings) != 4:
         n = len(endings) if isinstance(endings, (list, tuple)) else "no"
         raise HscError(f"{where}: expected 4 endings, found {n}")
-    try:
+    if isinstance(label, str) and re.fullmatch(r"-?\d{1,3}", label.strip()):
         label = int(label)
-    except (TypeError, ValueError):
-        raise HscError(f"{where}: label {label!r} is not an integer 0-3") from None
-    if not 0 <= label <= 3:
+    if type(label) is int and not 0 <= label <= 3:
         raise HscError(f"{where}: label {label} is not in 0-3")
-    if not isinstance(query, str) or not query.strip() or not all(isinstance(e, str) and e for e in endings):
+    if type(label) is not int:
+        shown = repr(label) if len(repr(label)) < 40 else repr(label)[:37] + "..."
+        raise HscError(f"{where}: label {shown} is not an integer 0-3")
+    for text in (query, *endings):
+        if not isinstance(text, str) or len(text) > MAX_FIELD_CHARS:
+            raise HscError(f"{where}: a context or ending that is not text of at most {MAX_FIELD_CHARS} characters")
+    if not query.strip() or not all(endings):
         raise HscError(f"{where}: empty context or ending")
     longest = max(len(field.encode("utf-8", "surrogatepass")) for field in (query, *endings))
     if longest > MAX_FIELD_BYTES:
@@ -73,11 +94,22 @@ def _open_text(path: Path):
     return bz2.open(path, "rt", encoding="utf-8") if path.suffix == ".bz2" else open(path, encoding="utf-8")
 
 
-def load_six_line(path: Path) -> list[Item]:
+def _lines(path: Path):
+    """(line number, line) with a bound on each line's length and on the number of lines, so neither a
+    huge line nor a decompression bomb is read whole."""
     with _open_text(path) as f:
-        lines = f.read().split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
+        for lineno in range(1, 6 * MAX_ITEMS + 2):
+            line = f.readline(MAX_LINE_BYTES + 1)
+            if not line:
+                return
+            if len(line) > MAX_LINE_BYTES:
+                raise file_error(f"{path}:{lineno}", f"a line longer than {MAX_LINE_BYTES:,} characters")
+            yield lineno, line
+    raise file_error(path, f"more than {MAX_ITEMS:,} items")
+
+
+def load_six_line(path: Path) -> list[Item]:
+    lines = [line.removesuffix("\n") for _, line in _lines(path)]
     if len(lines) % 6:
         raise file_error(path, f"{len(lines)} lines is not a multiple of 6 (context, label, 4 endings per item)")
     items = []
@@ -90,23 +122,19 @@ def load_six_line(path: Path) -> list[Item]:
 def load_jsonl(path: Path) -> tuple[list[Item], set[str]]:
     """The items, and the values of the official format's `split` field ("train", "val", "test")."""
     items, splits = [], set()
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                doc = json.loads(line)
-                if "query" in doc:
-                    query, endings, label = doc["query"], doc["choices"], doc["gold"]
-                else:
-                    query, endings, label = from_official(doc)
-                    splits.add(str(doc.get("split", "")))
-            except json.JSONDecodeError as e:
-                raise HscError(f"{where}: not valid JSON ({e.msg})") from None
-            except (KeyError, TypeError, AttributeError) as e:
-                raise HscError(f"{where}: not a HellaSwag item (missing or bad field {e})") from None
-            items.append(_make_item(len(items), query, endings, label, where))
+    for lineno, line in _lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        if len(items) >= MAX_ITEMS:
+            raise file_error(path, f"more than {MAX_ITEMS:,} items")
+        doc = Fields(parse_json(line, where), where)
+        if "query" in doc.raw:
+            query, endings, label = doc.str("query", MAX_FIELD_CHARS), _endings(doc, "choices"), doc.get("gold")
+        else:
+            query, endings, label = from_official(doc.raw, where)
+            splits.add(doc.str("split", 64, default=""))
+        items.append(_make_item(len(items), query, endings, label, where))
     return items, splits
 
 
@@ -120,7 +148,8 @@ def load_datasets(split: str = "validation") -> list[Item]:
     except Exception as e:  # offline, no cache, or datasets missing: all mean "not available here"
         raise HscError(f"datasets: Rowan/hellaswag ({split} split) is not available ({type(e).__name__}); "
                        "pass --data FILE (official jsonl or the 6-line .txt.bz2)") from None
-    return [_make_item(i, *from_official(doc), f"Rowan/hellaswag/{split}[{i}]") for i, doc in enumerate(ds)]
+    return [_make_item(i, *from_official(doc, f"Rowan/hellaswag/{split}[{i}]"), f"Rowan/hellaswag/{split}[{i}]")
+            for i, doc in enumerate(ds)]
 
 
 def find_shared_file(start: Path | None = None) -> Path | None:

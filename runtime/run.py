@@ -21,8 +21,8 @@ from runtime.hellaswag import load_items
 from runtime.journal import JOURNAL_DIR, journal_path, open_journal
 from runtime.packed import FLAT_NEEDS_COMPILE, PackedScorer
 from runtime.progress import Progress
-from runtime.scoring import (build_requests, compute_scores, drop_overlong, predictions, request_tokens,
-                             score_reference, scored_tokens)
+from runtime.scoring import (build_requests, compute_scores, drop_overlong, nonfinite_items, predictions,
+                             request_tokens, score_reference, scored_tokens)
 
 
 @dataclass(frozen=True)
@@ -392,6 +392,12 @@ def _run(cfg: RunConfig, command: str, echo, manifest, d, out: Path, t_start: fl
         distributed.teardown(d)
         return {}
     items, requests, logliks, n_tokens = gathered
+    bad = nonfinite_items(items, logliks)
+    if bad:
+        shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
+        shutil.rmtree(out / JOURNAL_DIR, ignore_errors=True)  # a resumed run would score the same values
+        raise HscError(f"{cfg.artifact}: non-finite log-likelihoods (NaN or inf) for {len(bad)} of {len(items)} "
+                       f"items ({shown}): the weights or the computation are broken; no results written")
 
     preds, preds_norm = predictions(items, logliks)
     n_scored = scored_tokens(requests)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from runtime.errors import HscError, file_error
 from runtime.hellaswag import Item
 from runtime.tokenizer import Tokenizer
 
@@ -42,7 +43,7 @@ def split_context(context: str, continuation: str) -> tuple[str, str]:
 
 def build_requests(items: list[Item], tok: Tokenizer, add_bos: bool) -> list[Request]:
     if add_bos and tok.bos_id is None:
-        raise ValueError("BOS requested but the tokenizer has no BOS token")
+        raise file_error(tok.path, "BOS requested but the tokenizer has no BOS token (try --no-bos)")
     prefix = (tok.bos_id,) if add_bos else ()
     pairs = [split_context(item.query, " " + ending) for item in items for ending in item.endings]
     # Each distinct context is encoded once; lm-eval encodes it per request, with the same result.
@@ -55,7 +56,7 @@ def build_requests(items: list[Item], tok: Tokenizer, add_bos: bool) -> list[Req
         clean = whole[: len(ctx_ids)] == ctx_ids and len(whole) > len(ctx_ids)
         cont_ids = whole[len(ctx_ids):] if clean else tok.encode(cont)
         if not prefix and not ctx_ids:
-            raise ValueError(f"item {items[n // 4].index}: empty context and no BOS: nothing to condition on")
+            raise HscError(f"item {items[n // 4].index}: empty context and no BOS: nothing to condition on")
         requests.append(Request(n // 4, n % 4, prefix + tuple(ctx_ids), tuple(cont_ids), not clean))
     return requests
 
@@ -168,6 +169,11 @@ def mean_stderr(xs: list[float]) -> float:
         return float("nan")
     mu = sum(xs) / n
     return math.sqrt(sum((x - mu) ** 2 for x in xs) / (n - 1) / n)
+
+
+def nonfinite_items(items: list[Item], logliks: list[float]) -> list[int]:
+    """Indices of the items with a NaN or infinite log-likelihood: a broken model, never a score."""
+    return [item.index for k, item in enumerate(items) if not all(map(math.isfinite, logliks[4 * k: 4 * k + 4]))]
 
 
 def predictions(items: list[Item], logliks: list[float]) -> tuple[list[int], list[int]]:

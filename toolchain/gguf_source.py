@@ -37,10 +37,12 @@ import torch
 from gguf import GGUFReader
 from gguf.quants import dequantize
 
-from runtime.config import LAYER_TENSORS, ModelArgs, global_shapes, layer_shapes
+from runtime.config import LAYER_TENSORS, MODEL_LIMITS, ModelArgs, global_shapes, layer_shapes
 from runtime.errors import HscError, file_error
+from runtime.tokenizer import check_bpe, hf_call
+from runtime.validate import FieldError, bool_of, entries, int_in, list_of, number_in, str_of
 from toolchain.hashing import sha256_file
-from toolchain.source import ModelSource, TokenizerSource
+from toolchain.source import ModelSource, TokenizerSource, check_finite
 
 # GGUF name -> Meta name for the whole-model tensors.
 GLOBAL_NAMES = {
@@ -87,9 +89,30 @@ class _Reader(GGUFReader):
         self._map = value.view(np.ndarray) if isinstance(value, np.memmap) else value
 
 
-def _clean_float(x) -> float:
-    """GGUF stores float32; give back the shortest decimal that round-trips (1e-05, not 9.9999997e-06)."""
-    return float(str(np.float32(x)))
+def _clean_float(x):
+    """GGUF stores float32; give back the shortest decimal that round-trips (1e-05, not 9.9999997e-06).
+    A value of another type is handed on for ModelArgs to refuse."""
+    return float(str(np.float32(x))) if type(x) is float else x
+
+
+# ModelArgs field -> GGUF key (after "llama.").
+GGUF_KEYS = {
+    "dim": "embedding_length",
+    "n_layers": "block_count",
+    "n_heads": "attention.head_count",
+    "n_kv_heads": "attention.head_count_kv",
+    "vocab_size": "vocab_size",
+    "norm_eps": "attention.layer_norm_rms_epsilon",
+    "rope_theta": "rope.freq_base",
+    "hidden_dim": "feed_forward_length",
+    "max_seq_len": "context_length",
+}
+# The types a llama weight is stored in: norms (1-D) as floats, matrices as floats or a llama.cpp
+# quantization. Anything else (integer types, F64, the Q8_1/Q8_K intermediate types) is not a weight.
+FLOAT_TYPES = frozenset({"F32", "F16", "BF16"})
+MATRIX_TYPES = FLOAT_TYPES | {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ2_XXS",
+                              "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ4_NL", "IQ3_S", "IQ2_S", "IQ4_XS", "IQ1_M", "TQ1_0",
+                              "TQ2_0", "MXFP4"}
 
 
 class GGUFSource(ModelSource):
@@ -108,38 +131,47 @@ class GGUFSource(ModelSource):
             raise file_error(self.path, f"not a readable GGUF file, or truncated ({type(e).__name__}: {e})") from None
         self._fields = self._reader.fields
 
-        split = self._get("split.count", None)
+        split = self._get("split.count", None, int_in, 0, 1 << 16)
         if split is not None and split > 1:
             raise file_error(
                 self.path, f"is one part of a {split}-part split GGUF; merge it first (llama-gguf-split --merge)"
             )
-        arch = self._get("general.architecture", None)
+        arch = self._get("general.architecture", None, str_of, 256)
         if arch != "llama":
             raise file_error(self.path, f"GGUF architecture is {arch!r}; only 'llama' is supported")
 
-        self._tokens = self._get("tokenizer.ggml.tokens", None)
+        self._tokens = self._get_strings("tokenizer.ggml.tokens", MODEL_LIMITS["vocab_size"][1])
         self.args = self._model_args()
-        self.model_name = str(self._get("general.name", None) or self.path.stem)
+        self.model_name = self._get("general.name", None, str_of, 1024) or self.path.stem
         self._index = self._tensor_index()
 
     # -- metadata -----------------------------------------------------------------------------
 
-    def _get(self, key: str, default=_REQUIRED):
+    def _get(self, key: str, default=_REQUIRED, reader=None, *args):
+        """The value of a metadata key, checked by `reader(value, key, *args)` (runtime/validate.py)."""
         field = self._fields.get(key)
         if field is None:
             if default is _REQUIRED:
                 raise file_error(self.path, f"missing GGUF metadata key {key}")
             return default
         try:
-            return field.contents()
+            value = field.contents()
         except (UnicodeDecodeError, ValueError, IndexError) as e:
             raise file_error(self.path, f"unreadable GGUF metadata key {key} ({type(e).__name__}: {e})") from None
+        try:
+            return value if reader is None else reader(value, key, *args)
+        except FieldError as e:
+            raise e.at(self.path) from None
+
+    def _get_strings(self, key: str, max_len: int) -> list[str] | None:
+        return self._get(key, None, entries, max_len, str_of)
 
     def _model_args(self) -> ModelArgs:
         g = lambda key, default=_REQUIRED: self._get(f"llama.{key}", default)  # noqa: E731
-        if g("expert_count", 0):
-            raise file_error(self.path, f"is a mixture-of-experts model ({g('expert_count')} experts); not supported")
-        scaling = g("rope.scaling.type", None)
+        experts = self._get("llama.expert_count", 0, int_in, 0, 1 << 16)
+        if experts:
+            raise file_error(self.path, f"is a mixture-of-experts model ({experts} experts); not supported")
+        scaling = self._get("llama.rope.scaling.type", None, str_of, 256)
         if scaling not in (None, "none"):
             raise file_error(self.path, f"uses RoPE scaling {scaling!r}; not supported")
         if "rope_freqs.weight" in {t.name for t in self._reader.tensors}:
@@ -148,29 +180,24 @@ class GGUFSource(ModelSource):
         if self._tokens is not None:
             vocab_size = len(self._tokens)
         else:
-            vocab_size = g("vocab_size", None)
+            vocab_size = self._get("llama.vocab_size", None, int_in, *MODEL_LIMITS["vocab_size"])
             if vocab_size is None:
                 raise file_error(self.path, "has neither tokenizer.ggml.tokens nor llama.vocab_size")
-        stated = g("vocab_size", None)
+        stated = self._get("llama.vocab_size", None, int_in, *MODEL_LIMITS["vocab_size"])
         if stated is not None and stated != vocab_size:
             raise file_error(
                 self.path, f"llama.vocab_size {stated} disagrees with the {vocab_size} tokens of tokenizer.ggml.tokens"
             )
 
+        # Types and ranges are ModelArgs' (one owner); a refusal names the GGUF key.
+        defaults = {"n_kv_heads": None, "rope_theta": 10000.0}
+        values = {field: _clean_float(g(key, defaults.get(field, _REQUIRED)))
+                  for field, key in GGUF_KEYS.items() if field != "vocab_size"}
         try:
-            args = ModelArgs(
-                dim=g("embedding_length"),
-                n_layers=g("block_count"),
-                n_heads=g("attention.head_count"),
-                n_kv_heads=g("attention.head_count_kv", None),
-                vocab_size=vocab_size,
-                norm_eps=_clean_float(g("attention.layer_norm_rms_epsilon")),
-                rope_theta=_clean_float(g("rope.freq_base", 10000.0)),
-                hidden_dim=g("feed_forward_length"),
-                max_seq_len=g("context_length"),
-            )
-        except (TypeError, ValueError) as e:
-            raise file_error(self.path, f"unusable llama hyper-parameters ({e})") from None
+            args = ModelArgs(**values, vocab_size=vocab_size)
+        except FieldError as e:
+            key = f"llama.{GGUF_KEYS[e.field]}" if e.field in GGUF_KEYS else e.field
+            raise file_error(self.path, f"{key}: {e.problem}") from None
         for key in ("rope.dimension_count", "attention.key_length", "attention.value_length"):
             value = g(key, None)
             if value is not None and value != args.head_dim:
@@ -190,6 +217,10 @@ class GGUFSource(ModelSource):
             if meta is None:
                 raise file_error(self.path, f"unexpected tensor {t.name} (not part of a plain llama model)")
             shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+            allowed = FLOAT_TYPES if len(expected[meta]) == 1 else MATRIX_TYPES
+            if t.tensor_type.name not in allowed:
+                raise file_error(self.path, f"tensor {t.name} has type {t.tensor_type.name}, not a type a llama "
+                                            f"{'norm' if len(expected[meta]) == 1 else 'weight'} is stored in")
             if shape != expected[meta]:
                 raise file_error(
                     self.path,
@@ -242,7 +273,9 @@ class GGUFSource(ModelSource):
         arr = np.asarray(arr, dtype=np.float32).reshape(shape)
         if not arr.flags.writeable or not arr.flags.c_contiguous:  # f32 comes back as a view of the map
             arr = np.array(arr, dtype=np.float32, order="C")
-        return torch.from_numpy(arr)
+        tensor = torch.from_numpy(arr)
+        check_finite(self.path, t.name, tensor)
+        return tensor
 
     def global_tensors(self) -> dict[str, torch.Tensor]:
         emb = self._load("tok_embeddings.weight")
@@ -267,7 +300,7 @@ class GGUFSource(ModelSource):
         its own tokenizer never trips over an embedded one we cannot convert."""
         if self._tokenizer_path is not None:
             return self._given_tokenizer(self._tokenizer_path)
-        model = self._get("tokenizer.ggml.model", None)
+        model = self._get("tokenizer.ggml.model", None, str_of, 256)
         if model is None or self._tokens is None:
             raise file_error(self.path, "has no embedded tokenizer; pass --tokenizer with the model's "
                                         "tokenizer.model or tokenizer.json")
@@ -289,7 +322,7 @@ class GGUFSource(ModelSource):
                 n = Tokenizer.from_str(data.decode("utf-8")).get_vocab_size(with_added_tokens=True)
             except Exception as e:  # tokenizers raises a bare Exception for malformed files
                 raise file_error(path, f"not a tokenizer.json ({e})") from None
-            add_bos = self._get("tokenizer.ggml.add_bos_token", None)
+            add_bos = self._get("tokenizer.ggml.add_bos_token", None, bool_of)
             tok = TokenizerSource(kind="hf", data=data, bos_id=None, eos_id=None,
                                   add_bos=bool(add_bos) if add_bos is not None else False, vocab_size=n)
         else:
@@ -299,7 +332,7 @@ class GGUFSource(ModelSource):
         if tok.vocab_size > self.args.vocab_size:
             raise file_error(path, f"has {tok.vocab_size} tokens; the model {self.path} has {self.args.vocab_size}")
         vocab = self.args.vocab_size
-        bos, eos = self._get("tokenizer.ggml.bos_token_id", None), self._get("tokenizer.ggml.eos_token_id", None)
+        bos, eos = (self._get(f"tokenizer.ggml.{k}_token_id", None, int_in, 0, (1 << 31) - 1) for k in ("bos", "eos"))
         return dataclasses.replace(tok, bos_id=bos if bos is not None and 0 <= bos < vocab else tok.bos_id,
                                    eos_id=eos if eos is not None and 0 <= eos < vocab else tok.eos_id)
 
@@ -310,8 +343,8 @@ class GGUFSource(ModelSource):
         import sentencepiece as spm
 
         tokens = self._tokens
-        scores = self._get("tokenizer.ggml.scores", None)
-        types = self._get("tokenizer.ggml.token_type", None)
+        scores = self._get("tokenizer.ggml.scores", None, entries, len(tokens), number_in, -1e30, 1e30)
+        types = self._get("tokenizer.ggml.token_type", None, entries, len(tokens), int_in, 0, 255)
         for key, values in (("tokenizer.ggml.scores", scores), ("tokenizer.ggml.token_type", types)):
             if values is None or len(values) != len(tokens):
                 got = "missing" if values is None else f"{len(values)} entries"
@@ -324,35 +357,30 @@ class GGUFSource(ModelSource):
         if unk is None:
             unk = next((i for i, t in enumerate(types) if t == 2), None)  # the UNKNOWN piece
         bos, eos = self._token_id("tokenizer.ggml.bos_token_id"), self._token_id("tokenizer.ggml.eos_token_id")
-        space_prefix = self._get("tokenizer.ggml.add_space_prefix", True)
+        space_prefix = self._get("tokenizer.ggml.add_space_prefix", True, bool_of)
         data = sentencepiece_model_bytes(tokens, scores, types, unk, bos, eos, bool(space_prefix))
         try:
             spm.SentencePieceProcessor(model_proto=data)
         except (RuntimeError, TypeError) as e:
             raise file_error(self.path, f"embedded sentencepiece vocabulary is inconsistent ({e})") from None
-        add_bos = self._get("tokenizer.ggml.add_bos_token", None)
+        add_bos = self._get("tokenizer.ggml.add_bos_token", None, bool_of)
         return TokenizerSource(kind="sentencepiece", data=data, bos_id=bos, eos_id=eos,
                                add_bos=True if add_bos is None else bool(add_bos),  # LLaMA's convention
                                vocab_size=len(tokens))
 
     def _token_id(self, key: str) -> int | None:
-        value = self._get(key, None)
-        if value is None:
-            return None
-        if not 0 <= value < len(self._tokens):
-            raise file_error(self.path, f"{key} {value} is outside the vocabulary of {len(self._tokens)} tokens")
-        return int(value)
+        return self._get(key, None, int_in, 0, len(self._tokens) - 1)
 
     def _byte_level_tokenizer(self) -> TokenizerSource:
         from tokenizers import AddedToken, Tokenizer, decoders, processors
         from tokenizers.models import BPE
 
         tokens = self._tokens
-        types = self._get("tokenizer.ggml.token_type", None) or [_NORMAL] * len(tokens)
-        merges = self._get("tokenizer.ggml.merges", None) or []
+        types = self._get("tokenizer.ggml.token_type", None, list_of, len(tokens)) or [_NORMAL] * len(tokens)
+        merges = self._get_strings("tokenizer.ggml.merges", 1 << 24) or []
         if len(types) != len(tokens):
             raise file_error(self.path, f"tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
-        pre = self._get("tokenizer.ggml.pre", None)
+        pre = self._get("tokenizer.ggml.pre", None, str_of, 256)
         pre_tokenizer, ignore_merges = _byte_level_pre_tokenizer(self.path, pre)
 
         # A normal token is spelled in GPT-2's byte-level alphabet; one that is not (llama.cpp
@@ -369,10 +397,10 @@ class GGUFSource(ModelSource):
             if not sep:
                 raise file_error(self.path, f"malformed merge {m!r} in tokenizer.ggml.merges")
             pairs.append((a, b))
-        try:
-            tok = Tokenizer(BPE(vocab, pairs, byte_fallback=False, fuse_unk=False, ignore_merges=ignore_merges))
-        except Exception as e:  # tokenizers raises a bare Exception, e.g. for a merge outside the vocab
-            raise file_error(self.path, f"embedded BPE vocabulary is inconsistent ({e})") from None
+        check_bpe(self.path, vocab, pairs)
+        bpe = hf_call(self.path, "embedded BPE vocabulary is inconsistent", BPE, vocab, pairs, byte_fallback=False,
+                      fuse_unk=False, ignore_merges=ignore_merges)
+        tok = Tokenizer(bpe)
         tok.pre_tokenizer = pre_tokenizer
         tok.decoder = decoders.ByteLevel()
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
@@ -386,7 +414,7 @@ class GGUFSource(ModelSource):
         if n != len(tokens):
             raise file_error(self.path, f"embedded tokenizer has {len(tokens)} tokens but only {n} distinct ones")
 
-        add_bos = self._get("tokenizer.ggml.add_bos_token", None)
+        add_bos = self._get("tokenizer.ggml.add_bos_token", None, bool_of)
         return TokenizerSource(
             kind="hf",
             data=tok.to_str().encode("utf-8"),

@@ -25,11 +25,14 @@ import torch
 from runtime.config import ModelArgs, global_shapes, layer_shapes, weight_names
 from runtime.errors import file_error
 from runtime.paths import confined, regular_file
+from runtime.tokenizer import TOKENIZER_MAX_BYTES
+from runtime.validate import read_bounded
 from toolchain.hashing import file_digests
-from toolchain.source import ModelSource, TokenizerSource
+from toolchain.source import ModelSource, TokenizerSource, check_finite
 
 SHARD_RE = re.compile(r"consolidated\.(\d+)\.pth")
 CHECKLIST = "checklist.chk"
+CHECKLIST_MAX_BYTES = 1 << 20  # Meta's lists a dozen files
 
 # Keys Meta's shards carry that are not weights (LLaMA-1 stores the RoPE table); we recompute them.
 IGNORED_KEYS = frozenset({"rope.freqs"})
@@ -135,7 +138,8 @@ class MetaSource(ModelSource):
             return {}
         confined(self.path, CHECKLIST, "checkpoint")
         expected = {}
-        for lineno, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        text = read_bounded(path, CHECKLIST_MAX_BYTES, "a checklist").decode(errors="replace")
+        for lineno, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             parts = line.split(maxsplit=1)
@@ -231,6 +235,8 @@ class MetaSource(ModelSource):
         out = {}
         for name in names:
             parts = [sd[name] for sd in shards]
+            for path, part in zip(self._shard_paths, parts):  # the shard that holds a NaN is the one named
+                check_finite(path, name, part)
             axis = self._axes[name]
             # cat reads just this tensor's slices; a replicated (or single-shard) tensor is cloned,
             # since a view would keep its whole shard mapped.
@@ -243,22 +249,28 @@ def _desc(t: torch.Tensor) -> str:
 
 
 def _read_sentencepiece(path: Path) -> TokenizerSource:
+    """The tokenizer as LLaMA uses it: a BOS piece to put in front of every document (add_bos)."""
     import sentencepiece as spm
 
-    data = path.read_bytes()
+    data = read_bounded(path, TOKENIZER_MAX_BYTES, "a sentencepiece model")
     try:
         sp = spm.SentencePieceProcessor(model_proto=data)
-    except (RuntimeError, TypeError) as e:
+        n = sp.GetPieceSize() if data else 0
+    except (RuntimeError, TypeError, ValueError) as e:  # ValueError: a piece that is not UTF-8
         raise file_error(
             path, f"not a sentencepiece model (LLaMA-3's tiktoken tokenizer.model is not supported): {e}"
         ) from None
+    if n < 1:
+        raise file_error(path, "not a sentencepiece model (no pieces)")
+    if sp.bos_id() < 0:  # sentencepiece says -1 for "none"
+        raise file_error(path, "has no BOS piece (bos_id -1); LLaMA puts BOS in front of every document")
     return TokenizerSource(
         kind="sentencepiece",
         data=data,
-        bos_id=sp.bos_id() if sp.bos_id() >= 0 else None,  # sentencepiece says -1 for "none"
+        bos_id=sp.bos_id(),
         eos_id=sp.eos_id() if sp.eos_id() >= 0 else None,
         add_bos=True,  # LLaMA was trained with BOS in front of every document
-        vocab_size=sp.GetPieceSize(),
+        vocab_size=n,
     )
 
 

@@ -60,3 +60,16 @@ def check_shape(src: ModelSource, name: str, tensor: torch.Tensor, want: tuple[i
     """Strict ingest: every tensor a reader hands over must have the shape params say it has."""
     if tuple(tensor.shape) != want:
         raise file_error(src.path, f"tensor {name} has shape {tuple(tensor.shape)}, expected {want}")
+
+
+def check_finite(path: Path, name: str, tensor: torch.Tensor) -> None:
+    """Refuse a tensor holding NaN or inf, as it is read. One float32 sum is the cheap test (a NaN or an inf
+    makes it non-finite); only when it is not finite is every element looked at, since finite values
+    near the bfloat16 maximum could overflow the sum."""
+    if torch.isfinite(tensor.sum(dtype=torch.float32)):
+        return
+    bad = ~torch.isfinite(tensor)
+    if bad.any():
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        raise file_error(path, f"tensor {name} holds {int(bad.sum())} non-finite value(s) (NaN or inf), "
+                               f"the first at {list(first)}; the checkpoint is damaged")
