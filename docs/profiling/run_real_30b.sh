@@ -12,6 +12,8 @@
 #             --nproc 2, each once (a first run: it compiles), and docs/profiling/compare_runs.py of each
 #             against its one-GPU run (per-item agreement).
 #   PRECISIONS="bf16 fp8" (default): which artifacts to build and run.
+#   CK_LAYOUT=hf: the checkpoint in Hugging Face's layout (config.json + safetensors files), so the
+#             compile's wall time and peak host memory are those of an HF ingest (issue #16).
 #
 # A device call lasts 10 minutes at most, so:
 #   bash docs/profiling/run_real_30b.sh start      # launches every step detached, returns at once
@@ -31,6 +33,7 @@ DEVICE=${DEVICE:-cuda}
 EXTRA=${EXTRA:-}
 LIMIT=${LIMIT:-}  # empty: the full set
 PRECISIONS=${PRECISIONS:-bf16 fp8}
+CK_LAYOUT=${CK_LAYOUT:-meta}
 FP8_EXTRA=${FP8_EXTRA:---calib-items 64 --check-items 0 --fast-accum}
 # the hsc cache (verification records, compile caches) of this measurement alone, so the first run is cold
 export HSC_CACHE_DIR=${HSC_CACHE_DIR:-$A/hsc-cache}
@@ -53,6 +56,8 @@ compile_art() {  # NAME TARGET PRECISION [TP]
   # shellcheck disable=SC2086
   $H compile "$CK" --target "$target" --precision "$precision" ${tp:+--tp $tp} --force $quant -o "$A/$name"
   rm -rf "$A/$name/cache"  # a compile cache a run may have left in an earlier artifact of this name
+  python3 -c "import json, sys; print(sys.argv[2], 'resources', json.dumps(json.load(open(sys.argv[1]))['resources']))" \
+    "$A/$name/manifest.json" "$name" | tee -a "$OUT/compile-resources.txt"
 }
 
 timed_run() {  # NAME ARTIFACT RUN-LABEL [EXTRA OPTIONS]: one fresh process, its wall clock beside hsc's own
@@ -109,7 +114,13 @@ steps() {
   : > "$OUT/walls.txt"
   stamp "random checkpoint -> $CK"
   # shellcheck disable=SC2086
-  $H random-checkpoint --shape llama-30b --shards 4 --no-checklist --force $EXTRA -o "$CK"
+  if [ "$CK_LAYOUT" = hf ]; then
+    # shellcheck disable=SC2086
+    $H random-checkpoint --shape llama-30b --layout hf --force $EXTRA -o "$CK"
+  else
+    # shellcheck disable=SC2086
+    $H random-checkpoint --shape llama-30b --shards 4 --no-checklist --force $EXTRA -o "$CK"
+  fi
   du -sh "$CK"
   for p in bf16 fp8; do
     if wants $p; then one_gpu $p; fi
