@@ -45,25 +45,25 @@ def preprocess(text: str) -> str:
     return text.replace("  ", " ")
 
 
-# What a HellaSwag source may hold (docs/input-limits.md): real contexts and endings are under 1,000
-# characters, the three splits 60,000 items together.
-MAX_FIELD_CHARS = 1 << 16
+# What a HellaSwag source may hold (docs/input-limits.md): the three splits hold 60,000 items together;
+# a field is read with MAX_FIELD_BYTES as its bound in characters (a character is at least a byte), then
+# measured in bytes.
 MAX_LINE_BYTES = 1 << 20  # one jsonl line (one item)
 MAX_ITEMS = 200_000
 
 
 def from_official(doc: dict, where: str = "item") -> tuple[str, list[str], int]:
     f = Fields(doc, where)
-    ctx = f.str("ctx_a", MAX_FIELD_CHARS) + " " + f.str("ctx_b", MAX_FIELD_CHARS).capitalize()
+    ctx = f.str("ctx_a", MAX_FIELD_BYTES) + " " + f.str("ctx_b", MAX_FIELD_BYTES).capitalize()
     endings = [preprocess(e) for e in _endings(f, "endings")]
-    return preprocess(f.str("activity_label", MAX_FIELD_CHARS) + ": " + ctx), endings, f.get("label")
+    return preprocess(f.str("activity_label", MAX_FIELD_BYTES) + ": " + ctx), endings, f.get("label")
 
 
 def _endings(f: Fields, key: str) -> list[str]:
     endings = f.list(key, 4)
     if len(endings) != 4:
         raise HscError(f"{f.path}: expected 4 endings, found {len(endings)}")
-    return [f.str(f"{key}.{j}", MAX_FIELD_CHARS) for j in range(4)]
+    return [f.str(f"{key}.{j}", MAX_FIELD_BYTES) for j in range(4)]
 
 
 def _make_item(index: int, query, endings, label, where: str) -> Item:
@@ -79,8 +79,8 @@ def _make_item(index: int, query, endings, label, where: str) -> Item:
         shown = repr(label) if len(repr(label)) < 40 else repr(label)[:37] + "..."
         raise HscError(f"{where}: label {shown} is not an integer 0-3")
     for text in (query, *endings):
-        if not isinstance(text, str) or len(text) > MAX_FIELD_CHARS:
-            raise HscError(f"{where}: a context or ending that is not text of at most {MAX_FIELD_CHARS} characters")
+        if not isinstance(text, str) or len(text) > MAX_FIELD_BYTES:
+            raise HscError(f"{where}: a context or ending that is not text of at most {MAX_FIELD_BYTES:,} bytes")
     if not query.strip() or not all(endings):
         raise HscError(f"{where}: empty context or ending")
     longest = max(len(field.encode("utf-8", "surrogatepass")) for field in (query, *endings))
@@ -130,7 +130,7 @@ def load_jsonl(path: Path) -> tuple[list[Item], set[str]]:
             raise file_error(path, f"more than {MAX_ITEMS:,} items")
         doc = Fields(parse_json(line, where), where)
         if "query" in doc.raw:
-            query, endings, label = doc.str("query", MAX_FIELD_CHARS), _endings(doc, "choices"), doc.get("gold")
+            query, endings, label = doc.str("query", MAX_FIELD_BYTES), _endings(doc, "choices"), doc.get("gold")
         else:
             query, endings, label = from_official(doc.raw, where)
             splits.add(doc.str("split", 64, default=""))
