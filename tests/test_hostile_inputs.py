@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from runtime.artifact import load_manifest, sha256_of
 from runtime.config import ModelArgs
 from runtime.errors import HscError
-from runtime.hellaswag import MAX_FIELD_CHARS, load_split
+from runtime.hellaswag import MAX_FIELD_BYTES, load_split
 from tests.fuzz import gguf_part_offset, patch
 from tests.test_cli_errors import (COMPILE, art_copy, artifact, assert_nothing_left,  # noqa: F401 (fixtures)
                                    assert_one_line_error, ckpt, ckpt_master)
@@ -252,8 +252,8 @@ def test_hellaswag_huge_ending_refused(hsc, artifact, tmp_path):
     res = tmp_path / "res"
     assert_one_line_error(*hsc("run", artifact, "--data", path, "--limit", 1, "--output", res),
                           "items.jsonl:1", "longer than")
-    path = _jsonl(tmp_path, "0", ending="x" * (MAX_FIELD_CHARS + 1))
-    with pytest.raises(HscError, match=f"at most {MAX_FIELD_CHARS}"):
+    path = _jsonl(tmp_path, "0", ending="x" * (MAX_FIELD_BYTES + 1))
+    with pytest.raises(HscError, match=f"at most {MAX_FIELD_BYTES}"):
         load_split(str(path))
 
 
