@@ -25,7 +25,7 @@ ALL = list(SCHEMES)
 
 @pytest.fixture
 def gen():
-    seed = torch.seed() % 2**31
+    seed = int(torch.randint(2**31, ()))
     print(f"seed {seed}")
     return torch.Generator().manual_seed(seed)
 
@@ -349,7 +349,7 @@ def load_like_build_model(sd: dict, scheme, pre_scaled=()) -> Transformer:
 @pytest.mark.parametrize("name", ALL)
 def test_meta_build_and_strict_assign_load(name):
     scheme = SCHEMES[name]()
-    seed = torch.seed() % 2**31
+    seed = int(torch.randint(2**31, ()))
     pre = {"layers.1.feed_forward.w2"}
     quantized = swap_linears(float_model(seed), scheme, pre_scaled=pre)
     with torch.no_grad():
@@ -383,7 +383,7 @@ LOGPROB_MAX_ABS = {"fp8": 3.0, "int8": 0.5, "w8": 0.3}
 
 @pytest.mark.parametrize("name", ALL)
 def test_tiny_transformer_logprobs_close_to_float(name):
-    model = float_model(torch.seed() % 2**31)
+    model = float_model(int(torch.randint(2**31, ())))
     tokens = torch.randint(0, ARGS.vocab_size, (3, 24))
     with torch.no_grad():
         targets = tokens[:, 1:].reshape(-1)
@@ -403,7 +403,7 @@ def test_tiny_transformer_logprobs_close_to_float(name):
 @pytest.mark.parametrize("name", ALL)
 def test_cuda_kernels_match_cpu(name, M):
     """CUDA's kernels (_int_mm, _scaled_mm on sm_89+, F.linear) against the CPU path on the same buffers."""
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    gen = torch.Generator().manual_seed(int(torch.randint(2**31, ())))
     q = QuantLinear.from_float(gaussian_linear(256, 192, gen), SCHEMES[name]())
     x = torch.randn(M, 256, generator=gen, dtype=torch.float32).to(torch.bfloat16)
     with torch.no_grad():
