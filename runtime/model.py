@@ -70,7 +70,7 @@ def half_split_order(n_heads: int, head_dim: int) -> torch.Tensor:
 
 def _permute_rows(linear: nn.Module, order: torch.Tensor) -> None:
     """Reorder a linear's output rows: an nn.Linear's weight, or a QuantLinear's qdata and per-row
-    scale (act_pre_scale is per input column and stays). Exact: values only move."""
+    scale. Exact: values only move."""
     names = ("weight",) if isinstance(linear, nn.Linear) else ("qdata", "scale")
     for name in names:
         t = getattr(linear, name)

@@ -205,8 +205,6 @@ def test_tp2_shards_of_quantized_weights_unshard_exactly(hsc, work, model):
 def test_split_dim_of_quantized_names():
     assert split_dim("layers.3.attention.wq.qdata") == 0 and split_dim("layers.3.attention.wq.scale") == 0
     assert split_dim("layers.3.feed_forward.w2.qdata") == 1 and split_dim("layers.3.feed_forward.w2.scale") is None
-    assert split_dim("layers.3.attention.wo.act_pre_scale") == 0
-    assert split_dim("layers.3.attention.wk.act_pre_scale") is None
     assert split_dim("layers.3.ffn_norm.weight") is None and split_dim("output.weight") is None
 
 
