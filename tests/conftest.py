@@ -38,7 +38,7 @@ def _seeded(request):
 
 @pytest.fixture(autouse=True)
 def _private_hsc_cache(tmp_path_factory, monkeypatch):
-    """hsc's per-user cache (verification records, compile caches) in a folder of the test session,
+    """hsc's per-user cache (verification records, compile caches) in a folder of this test run,
     never the user's own ~/.cache/hsc."""
     monkeypatch.setenv("HSC_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "hsc-cache"))
 

@@ -1,4 +1,4 @@
-"""One test per class of damaged or hostile input found by fuzzing (issue 18): each is refused with
+"""One test per class of damaged or hostile input that fuzzing finds (tests/fuzz.py): each is refused with
 one line naming the file and the field, before it can hang, exhaust memory or score NaN."""
 
 from __future__ import annotations
