@@ -52,9 +52,3 @@ def shard_tensor(name: str, tensor: torch.Tensor, tp: int, rank: int) -> torch.T
     if dim is None or tp == 1:
         return tensor
     return tensor.chunk(tp, dim=dim)[rank]
-
-
-def unshard(name: str, shards: list[torch.Tensor]) -> torch.Tensor:
-    """Inverse of shard_tensor over all ranks (for tests and `hsc inspect`)."""
-    dim = split_dim(name)
-    return shards[0] if dim is None or len(shards) == 1 else torch.cat(shards, dim=dim)
