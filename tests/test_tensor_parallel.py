@@ -16,6 +16,7 @@ import random
 import shlex
 import shutil
 import socket
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
