@@ -186,7 +186,7 @@ def _check_header(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
 
 
 # QuantLinear buffers: stored in the scheme's dtypes (fp8 qdata is a float dtype too), never cast.
-QUANT_BUFFERS = (".qdata", ".scale", ".act_pre_scale")
+QUANT_BUFFERS = (".qdata", ".scale")
 
 
 def _scheme(artifact: Path, manifest: Manifest):

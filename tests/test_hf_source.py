@@ -100,7 +100,7 @@ def test_tokenizer_json_and_add_bos_from_the_file(tmp_path):
     (MHA, "safetensors", 1, False), (GQA, "safetensors", 3, True), (GQA, "bin", 2, False), (MHA, "bin", 1, True)],
     ids=["mha-st-1", "gqa-st-3-tied", "gqa-bin-2", "mha-bin-1-tied"])
 def test_hf_checkpoint_end_to_end(tmp_path, hsc, shared_data, args, fmt, n_files, tied):
-    sd = write_tiny_hf_checkpoint(tmp_path / "hf", args, seed=torch.seed() % 2**31, fmt=fmt, n_files=n_files,
+    sd = write_tiny_hf_checkpoint(tmp_path / "hf", args, seed=int(torch.randint(2**31, ())), fmt=fmt, n_files=n_files,
                                   tied=tied)
     art = tmp_path / "art"
     code, out, err = hsc("compile", tmp_path / "hf", "--target", "cpu", "--precision", "fp32", "-o", art)

@@ -69,7 +69,7 @@ def test_fit_request_is_lm_evals_left_truncation():
 
 @pytest.mark.parametrize("layout", ["rows", "flat"])
 def test_both_engines_truncate_alike_and_match_lm_eval(layout):
-    seed = torch.seed() % 2**31
+    seed = int(torch.randint(2**31, ()))
     requests = _requests(random.Random(seed))
     model, W = _model(seed)
     want = [reference.lm_eval_loglikelihood(W, ARGS, list(r.context), list(r.continuation), L) for r in requests]

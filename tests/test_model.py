@@ -25,7 +25,7 @@ def random_state_dict(args: ModelArgs, seed: int) -> dict[str, torch.Tensor]:
 def test_forward_matches_float64_reference(n_kv_heads):
     args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads, vocab_size=97, multiple_of=32,
                      rope_theta=500.0, max_seq_len=64)
-    sd = random_state_dict(args, seed=torch.seed() % 2**31)
+    sd = random_state_dict(args, seed=int(torch.randint(2**31, ())))
     model = Transformer(args)
     model.load_state_dict(sd)
     tokens = torch.randint(0, args.vocab_size, (3, 17))
@@ -48,7 +48,7 @@ def test_half_split_rope_changes_nothing(n_kv_heads, scheme):
 
     args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads, vocab_size=97, multiple_of=32,
                      max_seq_len=64)
-    sd = random_state_dict(args, seed=torch.seed() % 2**31)
+    sd = random_state_dict(args, seed=int(torch.randint(2**31, ())))
     models = []
     for _ in range(2):
         m = Transformer(args)
@@ -114,7 +114,7 @@ def test_cpu_logits_come_in_bounded_chunks(monkeypatch):
     import runtime.model
 
     args = ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=1000, multiple_of=32, max_seq_len=64)
-    sd = random_state_dict(args, seed=torch.seed() % 2**31)
+    sd = random_state_dict(args, seed=int(torch.randint(2**31, ())))
     model = Transformer(args)
     model.load_state_dict(sd)
     hidden = torch.randn(1500, args.dim)

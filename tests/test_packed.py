@@ -91,7 +91,7 @@ def test_padding_attends_only_to_itself():
 
 @pytest.mark.parametrize("share", [True, False])
 def test_packed_matches_float64_reference(share, monkeypatch):
-    seed = torch.seed() % 2**31
+    seed = int(torch.randint(2**31, ()))
     rng = random.Random(seed)
     requests = _items(rng)
     sd = random_state_dict(ARGS, seed)
@@ -114,7 +114,7 @@ def test_block_regions_compile_gives_the_same_scores(scheme, layout):
     compiled as one graph, float and quantized, in both layouts (CPU inductor)."""
     from runtime.bench import random_model
 
-    seed = torch.seed() % 2**31
+    seed = int(torch.randint(2**31, ()))
     requests = _items(random.Random(seed)) + (_many_items(random.Random(seed), 20) if layout == "flat" else [])
     model = random_model(ARGS, torch.float32, "cpu", seed=seed, scheme=scheme)
     shape = dict(row_len=64, rows_per_batch=2) if layout == "rows" else dict(batch_tokens=256)
@@ -232,7 +232,7 @@ def test_replicas_run_the_rows_one_gpu_runs(layout):
     """Data parallelism deals whole rows: replica r of n packs rows r, r + n, ... of the one-GPU packing,
     as many to a batch, so each row (its trees, where they sit) and each score is the one GPU's; every
     item is held by exactly one replica, and its scores are NaN elsewhere."""
-    seed = torch.seed() % 2**31
+    seed = int(torch.randint(2**31, ()))
     requests = _items(random.Random(seed)) + _many_items(random.Random(seed), 80)
     model = Transformer(ARGS)
     model.load_state_dict(random_state_dict(ARGS, seed))
@@ -312,7 +312,7 @@ def test_flat_layout_matches_float64_reference(compile, kv_block, monkeypatch):
     import runtime.packed as packed
 
     monkeypatch.setattr(packed, "flex_kv_block", lambda head_dim: kv_block)
-    seed = torch.seed() % 2**31
+    seed = int(torch.randint(2**31, ()))
     requests = _items(random.Random(seed)) + _many_items(random.Random(seed), 30)
     sd = random_state_dict(ARGS, seed)
     model = Transformer(ARGS)

@@ -13,7 +13,7 @@ from torch import nn
 
 from runtime.config import ModelArgs
 from runtime.model import Transformer, rope_tables
-from runtime.quant import (BLOCK_LINEARS, INT_MM_MIN_ROWS, SCHEMES, Float8WeightFloat8Activation, Granularity,
+from runtime.quant import (BLOCK_LINEARS, INT_MM_MIN_ROWS, SCHEMES, Float8WeightFloat8Activation,
                            Int8WeightInt8Activation, Int8WeightOnly, QuantLinear, dequantize_weight,
                            fp8_linear, int8_linear, int_mm_padded, quantize_activation_per_token, quantize_weight,
                            scheme_asdict, scheme_from_dict, swap_linears)
@@ -25,7 +25,7 @@ ALL = list(SCHEMES)
 
 @pytest.fixture
 def gen():
-    seed = torch.seed() % 2**31
+    seed = int(torch.randint(2**31, ()))
     print(f"seed {seed}")
     return torch.Generator().manual_seed(seed)
 
@@ -128,34 +128,13 @@ def test_fp8_emulation_matches_cpu_scaled_mm(gen):
     torch.testing.assert_close(fp8_linear(x, qw, sw), ref, rtol=1e-5, atol=1e-5)  # accumulation order only
 
 
-def test_act_pre_scale_is_applied_to_the_input(gen):
-    """SmoothQuant identity: W diag(s) applied to x / s is W x; quantization error aside."""
-    lin = gaussian_linear(64, 32, gen)
-    s = torch.rand(64, generator=gen) * 4 + 0.25
-    smoothed = nn.Linear(64, 32, bias=False)
-    with torch.no_grad():
-        smoothed.weight.copy_(lin.weight * s)
-    q = QuantLinear.from_float(smoothed, Int8WeightInt8Activation(), act_pre_scale=1 / s)
-    assert set(q.state_dict()) == {"qdata", "scale", "act_pre_scale"}
-    assert "act_pre_scale=True" in repr(q)
-    x = torch.randn(24, 64, generator=gen)
-    no_pre = QuantLinear.from_float(smoothed, Int8WeightInt8Activation())
-    with torch.no_grad():
-        assert torch.equal(q(x), no_pre(x * (1 / s)))  # the input is multiplied first, then quantized
-        # Random s spreads the weight's columns and so costs some SQNR (about 30 dB measured, vs 40).
-        assert sqnr_db(lin(x), q(x)) > 25
-        assert sqnr_db(lin(x), no_pre(x)) < 20  # without the pre-scale the output is wrong
-
-
 @pytest.mark.parametrize("name", ALL)
-@pytest.mark.parametrize("pre_scaled", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_forward_swiglu_is_w2_of_silu_product(name, pre_scaled, dtype, gen):
+def test_forward_swiglu_is_w2_of_silu_product(name, dtype, gen):
     """FeedForward's path for a quantized w2 (the quantization made with the product, one kernel on
-    CUDA) computes exactly w2(silu(a) * b) wherever the torch ops run, for every scheme, with and
-    without a runtime pre-scale, in 3-D as the model calls it."""
-    w2 = QuantLinear.from_float(gaussian_linear(96, 32, gen), SCHEMES[name](),
-                                act_pre_scale=torch.rand(96, generator=gen) + 0.5 if pre_scaled else None)
+    CUDA) computes exactly w2(silu(a) * b) wherever the torch ops run, for every scheme, in 3-D as
+    the model calls it."""
+    w2 = QuantLinear.from_float(gaussian_linear(96, 32, gen), SCHEMES[name]())
     a, b = (torch.randn(2, 20, 96, generator=gen).to(dtype) for _ in range(2))
     with torch.no_grad():
         got = w2.forward_swiglu(a, b)
@@ -166,7 +145,7 @@ def test_forward_swiglu_is_w2_of_silu_product(name, pre_scaled, dtype, gen):
 def test_extra_repr_shows_scheme():
     for name, cls in SCHEMES.items():
         text = repr(QuantLinear.from_float(nn.Linear(32, 16, bias=False), cls()))
-        assert f"scheme={name} ({cls.__name__}" in text and "act_pre_scale=False" in text
+        assert f"scheme={name} ({cls.__name__}" in text
 
 
 # ---- torch._int_mm shapes ----------------------------------------------------------------------
@@ -287,22 +266,19 @@ def test_scheme_dicts_refused():
         scheme_from_dict({**good, "alpha": 0.85})
     with pytest.raises(ValueError, match="unknown activation_granularity"):
         scheme_from_dict({**good, "activation_granularity": "per_block"})
-    with pytest.raises(ValueError, match="PER_TOKEN only"):
+    with pytest.raises(ValueError, match="unknown activation_granularity 'per_tensor'.*'per_token' only"):
         scheme_from_dict({**good, "activation_granularity": "per_tensor"})
+    with pytest.raises(ValueError, match="unknown weight_granularity 'per_tensor'.*'per_row' only"):
+        scheme_from_dict({**good, "weight_granularity": "per_tensor"})
     with pytest.raises(ValueError, match="unknown field"):  # weight-only has no activation granularity
         scheme_from_dict({**scheme_asdict(Int8WeightOnly()), "activation_granularity": "per_token"})
 
 
 def test_scheme_validation():
-    with pytest.raises(ValueError, match="PER_ROW only"):
-        Float8WeightFloat8Activation(weight_granularity=Granularity.PER_TENSOR)
-    with pytest.raises(TypeError, match="Granularity"):
-        Int8WeightOnly(weight_granularity="per_row")
     with pytest.raises(ValueError, match="unknown version"):
         Int8WeightOnly(version=0)
     with pytest.raises(dataclasses.FrozenInstanceError):
         Int8WeightOnly().version = 2
-    assert Granularity.PER_CHANNEL is Granularity.PER_ROW
 
 
 # ---- the swap, meta construction and the strict load ------------------------------------------------
@@ -328,7 +304,7 @@ def test_swap_replaces_exactly_the_block_linears():
     sd = model.state_dict()
     assert "output.weight" in sd and "tok_embeddings.weight" in sd
     assert "layers.0.attention.wq.qdata" in sd and "layers.0.attention.wq.scale" in sd
-    assert not any(k.endswith(("wq.weight", "w2.weight", "act_pre_scale")) for k in sd)
+    assert not any(k.endswith(("wq.weight", "w2.weight")) for k in sd)
 
 
 def test_swap_filter():
@@ -336,10 +312,10 @@ def test_swap_filter():
     assert sum(isinstance(m, QuantLinear) for m in model.modules()) == ARGS.n_layers
 
 
-def load_like_build_model(sd: dict, scheme, pre_scaled=()) -> Transformer:
+def load_like_build_model(sd: dict, scheme) -> Transformer:
     """runtime.artifact.build_model's steps with the swap in between."""
     with torch.device("meta"):
-        model = swap_linears(Transformer(ARGS), scheme, pre_scaled=pre_scaled)
+        model = swap_linears(Transformer(ARGS), scheme)
     assert all(m.qdata.is_meta for m in model.modules() if isinstance(m, QuantLinear))
     model.load_state_dict(sd, strict=True, assign=True)
     model.rope_cos, model.rope_sin = rope_tables(ARGS.head_dim, ARGS.max_seq_len, ARGS.rope_theta)
@@ -349,27 +325,23 @@ def load_like_build_model(sd: dict, scheme, pre_scaled=()) -> Transformer:
 @pytest.mark.parametrize("name", ALL)
 def test_meta_build_and_strict_assign_load(name):
     scheme = SCHEMES[name]()
-    seed = torch.seed() % 2**31
-    pre = {"layers.1.feed_forward.w2"}
-    quantized = swap_linears(float_model(seed), scheme, pre_scaled=pre)
-    with torch.no_grad():
-        quantized.layers[1].feed_forward.w2.act_pre_scale.uniform_(0.5, 2.0)
+    seed = int(torch.randint(2**31, ()))
+    quantized = swap_linears(float_model(seed), scheme)
     sd = quantized.state_dict()
-    assert "layers.1.feed_forward.w2.act_pre_scale" in sd
-    loaded = load_like_build_model(sd, scheme, pre_scaled=pre)
+    loaded = load_like_build_model(sd, scheme)
     for k, v in loaded.state_dict().items():
         assert v.dtype == sd[k].dtype and torch.equal(v.float(), sd[k].float()), k
     tokens = torch.randint(0, ARGS.vocab_size, (2, 12))
     with torch.no_grad():
         assert torch.equal(loaded(tokens), quantized(tokens))
-    # strict: a missing act_pre_scale, an extra float weight, or a cast qdata is an error
-    with pytest.raises(RuntimeError, match="act_pre_scale"):
-        load_like_build_model(sd, scheme)
+    # strict: a missing scale, an extra float weight, or a cast qdata is an error
+    with pytest.raises(RuntimeError, match="w2.scale"):
+        load_like_build_model({k: v for k, v in sd.items() if k != "layers.1.feed_forward.w2.scale"}, scheme)
     with pytest.raises(RuntimeError, match="wq.weight"):
-        load_like_build_model({**sd, "layers.0.attention.wq.weight": torch.zeros(64, 64)}, scheme, pre)
+        load_like_build_model({**sd, "layers.0.attention.wq.weight": torch.zeros(64, 64)}, scheme)
     cast = {k: (v.to(torch.bfloat16) if k.endswith("qdata") else v) for k, v in sd.items()}
     with pytest.raises(RuntimeError, match="must not be cast"):
-        load_like_build_model(cast, scheme, pre)
+        load_like_build_model(cast, scheme)
 
 
 # ---- whole model -----------------------------------------------------------------------------------
@@ -383,7 +355,7 @@ LOGPROB_MAX_ABS = {"fp8": 3.0, "int8": 0.5, "w8": 0.3}
 
 @pytest.mark.parametrize("name", ALL)
 def test_tiny_transformer_logprobs_close_to_float(name):
-    model = float_model(torch.seed() % 2**31)
+    model = float_model(int(torch.randint(2**31, ())))
     tokens = torch.randint(0, ARGS.vocab_size, (3, 24))
     with torch.no_grad():
         targets = tokens[:, 1:].reshape(-1)
@@ -403,7 +375,7 @@ def test_tiny_transformer_logprobs_close_to_float(name):
 @pytest.mark.parametrize("name", ALL)
 def test_cuda_kernels_match_cpu(name, M):
     """CUDA's kernels (_int_mm, _scaled_mm on sm_89+, F.linear) against the CPU path on the same buffers."""
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    gen = torch.Generator().manual_seed(int(torch.randint(2**31, ())))
     q = QuantLinear.from_float(gaussian_linear(256, 192, gen), SCHEMES[name]())
     x = torch.randn(M, 256, generator=gen, dtype=torch.float32).to(torch.bfloat16)
     with torch.no_grad():

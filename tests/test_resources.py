@@ -17,8 +17,11 @@ def test_monitor_catches_a_transient_allocation():
         before = read_status()["RssAnon"]
         x = torch.ones(50_000_000)  # 200 MB, written: resident and anonymous
         time.sleep(0.1)
+        # the monitor's own thread must see it (snapshot() samples too): on a busy machine it may wait
+        deadline = time.monotonic() + 60
+        while monitor._peak.get("RssAnon", 0) < before + 190e6 and time.monotonic() < deadline:
+            time.sleep(0.01)
         del x
-        time.sleep(0.02)
         r = monitor.snapshot()
     assert read_status()["RssAnon"] < before + 100e6  # gone again
     assert r["peak_anon_bytes"] >= before + 190e6

@@ -76,8 +76,8 @@ class _Reader(GGUFReader):
     """gguf.GGUFReader over a plain ndarray view of its read-only memory map.
 
     GGUFReader slices its np.memmap once per metadata value (~250k slices for a 49k-token
-    vocabulary), and np.memmap's per-slice bookkeeping makes that 3-4x slower than slicing a plain
-    ndarray over the same mapping. The view keeps the map alive and read-only; nothing is copied.
+    vocabulary), and np.memmap's per-slice bookkeeping makes that several times slower than slicing a
+    plain ndarray over the same mapping. The view keeps the map alive and read-only; nothing is copied.
     """
 
     @property

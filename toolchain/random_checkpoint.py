@@ -17,9 +17,7 @@ Memory: a few tensors at a time. torch's own zip writer (the one torch.save uses
 placeholder tensors, whose metadata is all the pickle needs; each tensor's bytes are drawn shortly
 before the writer reaches its record (the next DRAW_AHEAD of them in threads, so that drawing overlaps
 writing) and freed right after. The placeholders are slices of one allocation that is never written,
-so they cost address space, not resident memory. (Measured at the 30B width, 4 shards, 2 layers, on the
-2-core machine, drawing one ahead: peak RSS 0.82-0.88 GB, most of it torch and the C allocator's free
-lists; docs/benchmarks.md, fourth session.)
+so they cost address space, not resident memory (peak memory: docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -110,11 +108,9 @@ def random_slice(name: str, fan_in: int, shape: tuple[int, ...], seed: int, rank
     if name.endswith("norm.weight"):
         return torch.ones(shape, dtype=dtype)
     gen = torch.Generator().manual_seed(tensor_seed(seed, name, rank))
-    # Drawn in fp32, then rounded: on torch 2.13 the same values as an fp16 draw (every record of a
-    # 2-layer 30B checkpoint compared), and never on CPU normal_'s half-precision path. Before the fix of
-    # pytorch/pytorch#173173 that path was not vectorised (3-5x slower than fp32 there), which matches the
-    # device's torch 2.11 writing 4.5x slower than torch 2.13 here; #166853 reports it also ran the
-    # transform in the output dtype, clipping the tails.
+    # Drawn in fp32, then rounded: the same values as an fp16 draw on torch 2.13, and never on CPU
+    # normal_'s half-precision path, which older torch versions leave unvectorised (pytorch/pytorch#173173)
+    # and run in the output dtype, clipping the tails (#166853).
     return torch.empty(shape, dtype=torch.float32).normal_(0.0, 1.0 / math.sqrt(fan_in), generator=gen).to(dtype)
 
 

@@ -17,15 +17,14 @@ ROW_PARALLEL = ("attention.wo", "feed_forward.w2")
 
 
 # Tensors of a quantized linear (runtime/quant.py: QuantLinear) besides `.weight`.
-_LINEAR_SUFFIXES = (".weight", ".qdata", ".scale", ".act_pre_scale")
+_LINEAR_SUFFIXES = (".weight", ".qdata", ".scale")
 
 
 def split_dim(name: str) -> int | None:
     """0 for column-parallel weights, 1 for row-parallel ones, None for replicated tensors.
 
     Quantized linears: `.qdata` [out, in] splits as the weight; `.scale` [out] (one per output row)
-    splits with the rows of a column-parallel layer and is replicated for a row-parallel one;
-    `.act_pre_scale` [in] is replicated for a column-parallel layer and split for a row-parallel one."""
+    splits with the rows of a column-parallel layer and is replicated for a row-parallel one."""
     if not name.startswith("layers."):
         return None
     suffix = next((x for x in _LINEAR_SUFFIXES if name.endswith(x)), None)
@@ -37,9 +36,7 @@ def split_dim(name: str) -> int | None:
         return None
     if suffix in (".weight", ".qdata"):
         return 0 if column else 1
-    if suffix == ".scale":
-        return 0 if column else None
-    return None if column else 0  # act_pre_scale
+    return 0 if column else None  # .scale
 
 
 def shard_shape(name: str, shape: tuple[int, ...], tp: int) -> tuple[int, ...]:
@@ -55,9 +52,3 @@ def shard_tensor(name: str, tensor: torch.Tensor, tp: int, rank: int) -> torch.T
     if dim is None or tp == 1:
         return tensor
     return tensor.chunk(tp, dim=dim)[rank]
-
-
-def unshard(name: str, shards: list[torch.Tensor]) -> torch.Tensor:
-    """Inverse of shard_tensor over all ranks (for tests and `hsc inspect`)."""
-    dim = split_dim(name)
-    return shards[0] if dim is None or len(shards) == 1 else torch.cat(shards, dim=dim)
