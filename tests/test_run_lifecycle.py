@@ -186,7 +186,7 @@ def test_two_processes_journal_and_resume(tiny, tmp_path, monkeypatch, tp, journ
 
     monkeypatch.setattr(journal_mod.Journal, "record", stop_after_two)  # inherited by the forked ranks
     out = tmp_path / "res"
-    assert all("--resume" in s for s in run_ranks(2, dp2, tiny.data, out, **options))
+    assert all("--resume" in s for s in run_ranks(2, dp2, tiny.data, out, start_method="fork", **options))
     assert sorted(p.name for p in (out / "journal").iterdir()) == journals
     for name in journals:
         assert (out / "journal" / name).read_bytes().count(b"\n") == 3  # header + 2 batches

@@ -123,14 +123,16 @@ def _rank_main(local_rank: int, world: int, port: int, cfg: RunConfig, status_di
     (status_dir / f"rank{local_rank}").write_text(status)
 
 
-def run_ranks(world: int, artifact: Path, data: Path, out: Path, limit: int = N_ITEMS, **options) -> list[str]:
+def run_ranks(world: int, artifact: Path, data: Path, out: Path, limit: int = N_ITEMS, start_method: str = "spawn",
+              **options) -> list[str]:
     """Run `artifact` as `world` CPU ranks (gloo); each rank's status: "ok" or "error: ...".
-    options: more RunConfig fields."""
+    options: more RunConfig fields. start_method "fork" only for a test whose ranks must inherit a patch:
+    a fork of this multi-threaded process can inherit a lock another thread holds."""
     status_dir = out.with_name(out.name + "-status")
     status_dir.mkdir(parents=True, exist_ok=True)
     cfg = RunConfig(artifact, str(data), limit, out, device="cpu", **{"batch_tokens": BATCH_TOKENS, **options})
     context = mp.start_processes(_rank_main, args=(world, _free_port(), cfg, status_dir), nprocs=world,
-                                 join=False, start_method="spawn")
+                                 join=False, start_method=start_method)
     join_processes(context, f"{world} ranks running {artifact.name}")
     return [(status_dir / f"rank{r}").read_text() for r in range(world)]
 
