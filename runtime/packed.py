@@ -554,37 +554,49 @@ class PackedScorer:
             torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
-    def score(self, batches: Batches, progress=None, sync_every: int = 8, done=None, on_batch=None) -> list[float]:
+    def score(self, batches: Batches, progress=None, done=None, on_batch=None) -> list[float]:
         """The log-likelihood of every packed request, in order; NaN for those of items that another
         replica's rows hold (Batches.items_held). done: {batch: (requests, logliks)} of batches scored
         before (a resumed run's journal), which are skipped; on_batch(b, requests, logliks, greedy): called
-        with each batch's results as soon as they are on the host (then every batch is waited for);
-        greedy: per request, whether every token is the most likely one (None unless the scorer was made
-        with greedy=True). progress(n): n more scored tokens."""
+        with each batch's results once they are on the host; greedy: per request, whether every token is
+        the most likely one (None unless the scorer was made with greedy=True). progress(n): n more
+        scored tokens. On a GPU each batch's results are collected (and on_batch called) while the next
+        batch runs, so the device never waits for the host."""
         done = dict(done or {})
         pending, reported = [], 0
         n_batches = batches.tokens.shape[0]
-        every = 1 if on_batch is not None else sync_every
         for b in range(n_batches):
             if b not in done:
-                logp = self.step(*self._step_args(batches, b))
-                pending.append((b, logp.clone()))  # CUDA-graph outputs are overwritten by the next replay
-            if pending and ((b + 1) % every == 0 or b + 1 == n_batches):
-                # Wait for the device now and then (so the live tokens/s is the device's, not the queue's),
-                # and after every batch when each is journalled.
-                for pb, logp in pending:
-                    done[pb] = batch_logliks(batches, pb, logp)
-                    if on_batch is not None:
-                        on_batch(pb, *done[pb])
-                pending = []
-            if progress is not None and not pending:
-                progress(int((batches.target_request[reported:b + 1] >= 0).sum()))
-                reported = b + 1
+                pending.append((b, _to_host(self.step(*self._step_args(batches, b)))))
+            # a GPU batch waits until the next one is queued; a CPU batch is done when its step returns
+            while pending and (len(pending) > 1 or pending[0][1][1] is None or b + 1 == n_batches):
+                pb, (host, ready) = pending.pop(0)
+                if ready is not None:
+                    ready.synchronize()
+                done[pb] = batch_logliks(batches, pb, host)
+                if on_batch is not None:
+                    on_batch(pb, *done[pb])
+            collected = b + 1 - len(pending)
+            if progress is not None and collected > reported:
+                progress(int((batches.target_request[reported:collected] >= 0).sum()))
+                reported = collected
         out = [math.nan] * batches.n_requests
         for requests, logliks, _ in done.values():
             for r, ll in zip(requests, logliks):
                 out[r] = ll
         return out
+
+
+def _to_host(out: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """A step's output on its way to the host, and the event that says it arrived (None: already there).
+    The copy is queued right behind the step, so the next CUDA-graph replay cannot overwrite it first."""
+    if out.device.type != "cuda":
+        return out.clone(), None
+    host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+    host.copy_(out, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
 
 
 def batch_logliks(batches: Batches, b: int, out: torch.Tensor) -> tuple[list[int], list[float], list | None]:

@@ -1,7 +1,7 @@
 """The fused SwiGLU + per-token quantization kernel (runtime/kernels.py), fp8 products with and without
 fast accumulation (`accum`), the LM head as a bf16 product with fp32 output, and FlexAttention block
 sizes, against what the runtime did before, at the LLaMA-30B full-set batch shape [36 x 448]
-(docs/benchmarks.md, 2026-11-29, second and third sessions).
+(their results: docs/benchmarks.md and its history in git).
 `steps` times 4-layer compiled steps (bf16 and fp8 under some inductor settings; fp8 with fast
 accumulation), checks each against the eager SDPA path and prints kernel tables.
 On a GPU machine from the repository root: PYTHONPATH=. python3 docs/profiling/fusions.py [micro] [accum] [head] [attention] [steps]
